@@ -1,0 +1,3 @@
+from workflow_orchestrator.cli import main
+
+main()

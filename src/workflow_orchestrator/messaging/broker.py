@@ -1,0 +1,158 @@
+"""Pooled robust AMQP connections and a confirming publisher (SPEC §4.2, §6)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+
+from workflow_orchestrator.messaging.directory import Resolver
+from workflow_orchestrator.messaging.topology import QueueType, Route, error_queue_name, queue_arguments
+
+log = structlog.get_logger(__name__)
+
+
+class PublishFailed(Exception):
+    """The broker did not confirm a message (unreachable, timeout, nack or unroutable)."""
+
+
+@dataclass(frozen=True)
+class OutMessage:
+    exchange_id: str
+    queue: str
+    body: dict[str, Any]
+    type: str
+    message_id: str
+    correlation_id: str
+
+
+class _Link:
+    """One robust connection with one confirming channel, shared by all publishers to it."""
+
+    def __init__(self, conn: AbstractRobustConnection, channel: AbstractChannel) -> None:
+        self.conn = conn
+        self.channel = channel
+        self.exchanges: dict[str, AbstractExchange] = {}
+        self.declared: set[tuple[str, str]] = set()
+        self.lock = asyncio.Lock()
+
+
+class BrokerPool:
+    """Connections pooled per broker URL; failover URLs are tried when the primary is down."""
+
+    def __init__(self, app_id: str, connect_timeout: float = 10.0) -> None:
+        self.app_id = app_id
+        self.connect_timeout = connect_timeout
+        self._links: dict[str, _Link] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def connection(self, url: str) -> AbstractRobustConnection:
+        return (await self._link(url)).conn
+
+    async def _link(self, url: str) -> _Link:
+        link = self._links.get(url)
+        if link is not None:
+            return link
+        async with self._locks.setdefault(url, asyncio.Lock()):
+            if url in self._links:
+                return self._links[url]
+            conn = await aio_pika.connect_robust(url, timeout=self.connect_timeout,
+                                                 client_properties={"connection_name": self.app_id})
+            channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            link = self._links[url] = _Link(conn, channel)
+            return link
+
+    async def link_for(self, route: Route) -> _Link:
+        errors = []
+        for url in (route.url, *route.failover_urls):
+            try:
+                return await self._link(url)
+            except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+                errors.append(type(exc).__name__)
+        raise PublishFailed(f"no broker connection for {route.routing_key} could be opened ({', '.join(errors)})")
+
+    async def close(self) -> None:
+        links, self._links = list(self._links.values()), {}
+        for link in links:
+            try:
+                await link.conn.close()
+            except Exception:
+                pass
+
+
+async def declare_route(channel: AbstractChannel, route: Route, queue_type: QueueType,
+                        delivery_limit: int) -> AbstractExchange:
+    """The topic exchange, the queue bound with its routing key, and its error queue."""
+    if route.exchange_name:
+        exchange = await channel.declare_exchange(route.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
+    else:
+        exchange = channel.default_exchange
+    queue = await channel.declare_queue(route.routing_key, durable=True,
+                                        arguments=queue_arguments(route.routing_key, queue_type, delivery_limit))
+    if route.exchange_name:
+        await queue.bind(exchange, route.routing_key)
+    err_args: dict[str, Any] | None = {"x-queue-type": "quorum"} if queue_type == "quorum" else None
+    await channel.declare_queue(error_queue_name(route.routing_key), durable=True, arguments=err_args)
+    return exchange
+
+
+class Publisher:
+    """Publishes JSON messages to logical queues of messaging exchanges and waits for confirms."""
+
+    def __init__(self, resolver: Resolver, pool: BrokerPool, *, queue_type: QueueType = "classic",
+                 delivery_limit: int = 20, confirm_timeout: float = 10.0,
+                 observe: Callable[[float], None] | None = None) -> None:
+        self.resolver = resolver
+        self.pool = pool
+        self.queue_type = queue_type
+        self.delivery_limit = delivery_limit
+        self.confirm_timeout = confirm_timeout
+        self.observe = observe
+
+    async def publish(self, msg: OutMessage) -> None:
+        try:
+            route = await self.resolver.route(msg.exchange_id, msg.queue)
+        except LookupError as exc:
+            raise PublishFailed(str(exc)) from None
+        link = await self.pool.link_for(route)
+        key = (route.exchange_name, route.routing_key)
+        exchange = link.exchanges.get(route.exchange_name)
+        if key not in link.declared or exchange is None:
+            async with link.lock:
+                exchange = await declare_route(link.channel, route, self.queue_type, self.delivery_limit)
+                link.exchanges[route.exchange_name] = exchange
+                link.declared.add(key)
+        message = aio_pika.Message(
+            json.dumps(msg.body, separators=(",", ":")).encode(),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=msg.message_id,
+            correlation_id=msg.correlation_id,
+            type=msg.type,
+            app_id=self.pool.app_id,
+            timestamp=datetime.now(UTC),
+        )
+        started = time.perf_counter()
+        try:
+            await exchange.publish(message, route.routing_key, mandatory=True, timeout=self.confirm_timeout)
+        except (TimeoutError, aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
+            raise PublishFailed(f"{msg.type} to {route.routing_key} not confirmed: {type(exc).__name__}") from None
+        if self.observe is not None:
+            self.observe(time.perf_counter() - started)
+
+    async def publish_all(self, messages: list[OutMessage]) -> None:
+        """Publish concurrently on the pooled channels; raises if any is not confirmed."""
+        if not messages:
+            return
+        results = await asyncio.gather(*(self.publish(m) for m in messages), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r

@@ -1,0 +1,210 @@
+"""The orchestrator core against the real RabbitMQ, the sandbox Manager over HTTP and Postgres:
+per milestone type, what arrives on the worker queue, what is saved, what is notified."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.support.stack import Stack, running_stack
+
+ROUTING = {
+    "notifications_exchange_id": "1", "notifications_broker_id": "1",
+    "workflow_orchestration_exchange_id": "1", "workflow_orchestration_broker_id": "1",
+    "orchestration_queue_name": "workflow_orchestration",
+}
+
+
+def events(rec: dict[str, Any]) -> list[str]:
+    """The orchestrator's events (prefix checked and stripped); workers' own entries left out."""
+    prefix = f"[OA][{rec['id']}][{rec.get('deployment_repo') or 'Unknown'}] "
+    return [e[len(prefix):] for e in rec.get("event_log") or [] if e.startswith(prefix)]
+
+
+def assert_routing(req: dict[str, Any]) -> None:
+    for k, v in ROUTING.items():
+        assert str(req[k]) == v, (k, req[k])
+    assert req["dispatch_id"]
+
+
+async def chats(stack: Stack, wid: str) -> list[dict[str, Any]]:
+    return [c for c in await stack.drain("1", "notifications_hipchat") if wid in c["prefix"]]
+
+
+async def test_three_milestones_run_to_completion_with_echo_workers() -> None:
+    async with running_stack() as s:
+        wid = await s.workflow(["build", "deploy", "deploy_oa"])
+        await s.start(wid, etcd_token=s.deploy_token, extra_key={"kept": [1, 2]})
+        build = await s.take("1", "builder", wid)
+        assert build["current_step"] == "build"
+        assert build["docker_build_etcd_token"] == s.build_token
+        assert build["extra_key"] == {"kept": [1, 2]}, "unknown keys pass through"
+        assert_routing(build)
+        await s.echo(build, source_commit_hash="deadbeef", event_log=[*build["event_log"], "builder: image pushed"])
+        deploy = await s.take("1", "deployer", wid)
+        assert deploy["current_step"] == "deploy" and deploy["dispatch_id"] != build["dispatch_id"]
+        assert deploy["source_commit_hash"] == "deadbeef", "fields set by the worker are kept"
+        assert "builder: image pushed" in deploy["event_log"]
+        await s.echo(deploy)
+        oa = await s.take("1", "deploy_oa", wid)
+        assert oa["current_step"] == "deploy_oa"
+        assert_routing(oa)
+        await s.echo(oa)
+        rec = await s.wait_finished(wid)
+        assert rec["workflow_error"] is False
+        ev = events(rec)
+        assert ev[0] == "Starting workflow..."
+        assert "Starting Workflow Milestone: build" in ev
+        assert f"Dispatching a build request to exchange 1, docker build cluster {s.build_token}..." in ev
+        assert f"Dispatching a deploy request to exchange 1, deployment cluster {s.deploy_token}..." in ev
+        assert "builder: image pushed" in rec["event_log"]
+        assert ev[-1].startswith("Workflow completed in ")
+        assert set(rec["workflow_step_durations"]) == {"build", "deploy", "deploy_oa"}
+        assert rec["workflow_duration"].endswith("(s)")
+        notes = await chats(s, wid)
+        assert [n["message"] for n in notes] == ev, "every event is a chat notification, in order"
+        assert all(n["is_success"] for n in notes)
+
+
+async def test_completion_email_expands_groups() -> None:
+    async with running_stack() as s:
+        wid = await s.workflow(["deploy"])
+        cfg = {"email": {"events": {"on_workflow_completed": ["ops", "dev@x.io"]},
+                         "groups": {"ops": ["a@x.io", "b@x.io"]}},
+               "hipchat": {"room_names": ["room1"]}}
+        await s.start(wid, etcd_token=s.deploy_token, notifications_config=cfg)
+        await s.echo(await s.take("1", "deployer", wid))
+        rec = await s.wait_finished(wid)
+        assert ("Sending on_workflow_completed email notification to the following recipient(s): "
+                "a@x.io, b@x.io, dev@x.io") in events(rec)
+        mail = await s.take("1", "notifications_email", wid)
+        assert mail["prefix"] == f"SUCCEEDED [OA][{wid}][acme/web-deploy]"
+        assert mail["notifications"] == {"email_addresses": ["a@x.io", "b@x.io", "dev@x.io"]}
+        assert mail["message"] == (f"Source Commit:\nacme/web/commit/abc123\n\nFor more information, please see:\n"
+                                   f"https://ui.test/index.html#/oa/workflows/workflows/{wid}")
+        assert all(n["room_names"] == ["room1"] for n in await chats(s, wid))
+
+
+async def test_worker_failure_from_the_message_fails_the_workflow() -> None:
+    async with running_stack() as s:
+        wid = await s.workflow(["build", "deploy"])
+        await s.start(wid, etcd_token=s.deploy_token)
+        build = await s.take("1", "builder", wid)
+        await s.echo(build, workflow_completed=True, workflow_error=True,
+                     event_log=[*build["event_log"], "[builder] docker build exited 1"])
+        rec = await s.wait_finished(wid)
+        assert rec["workflow_error"] is True
+        ev = events(rec)
+        assert "[builder] docker build exited 1" in rec["event_log"]
+        text = "\n".join(ev)
+        assert "Workflow Milestone Failed: build. Reason: Milestone worker has reported a failure" in text
+        assert "Workflow has failed in " in text
+        assert await s.drain("1", "deployer") == []
+        failures = [n for n in await chats(s, wid) if not n["is_success"]]
+        assert len(failures) == 2
+
+
+async def test_deploy_override_routes_to_the_other_broker_exchange() -> None:
+    async with running_stack() as s:
+        wid = await s.workflow(["deploy"])
+        await s.start(wid, etcd_token=s.deploy_token, deploy_messaging_exchange_id=2)
+        req = await s.take("2", "deployer", wid)
+        assert req["current_step"] == "deploy"
+        assert_routing(req)  # callbacks still come home to exchange 1
+        await s.echo(req)
+        rec = await s.wait_finished(wid)
+        ev = events(rec)
+        assert "The Workflow request has overriden the default deploy messaging_exchange_id to 2" in ev
+        assert f"Dispatching a deploy request to exchange 2, deployment cluster {s.deploy_token}..." in ev
+
+
+async def test_deploy_cluster_in_another_exchange_and_build_override() -> None:
+    async with running_stack() as s:
+        wid = await s.workflow(["build", "deploy"])
+        await s.start(wid, etcd_token=s.west_token, build_messaging_exchange_id="2")
+        build = await s.take("2", "builder", wid)
+        await s.echo(build)
+        deploy = await s.take("2", "deployer", wid)
+        await s.echo(deploy)
+        ev = events(await s.wait_finished(wid))
+        assert "The Workflow request has overriden the default build messaging_exchange_id to 2" in ev
+        assert f"Dispatching a build request to exchange 2, docker build cluster {s.build_token}..." in ev
+        assert f"Dispatching a deploy request to exchange 2, deployment cluster {s.west_token}..." in ev
+
+
+async def test_build_cluster_falls_back_from_local_to_global() -> None:
+    # An orchestrator serving exchange 2, which has no build cluster: the global one (exchange 1) is used.
+    async with running_stack(start=False) as s:
+        await s.start_orchestrator(exchange_id="2")
+        wid = await s.workflow(["build"])
+        rec = await s.record(wid)
+        await s.publish("2", "workflow_orchestration", {**rec, "workflow_id": wid})
+        build = await s.take("1", "builder", wid)
+        assert build["docker_build_etcd_token"] == s.build_token
+        assert build["workflow_orchestration_exchange_id"] == "2"
+        await s.echo(build)
+        ev = events(await s.wait_finished(wid))
+        assert f"Dispatching a build request to exchange 1, docker build cluster {s.build_token}..." in ev
+
+
+async def test_deploy_ecs_goes_to_the_local_deployer() -> None:
+    async with running_stack() as s:
+        wid = await s.workflow(["deploy_ecs"])
+        await s.start(wid)
+        req = await s.take("1", "deployer", wid)
+        assert req["current_step"] == "deploy_ecs"
+        await s.echo(req)
+        assert "Dispatching an ECS deploy request to exchange 1..." in events(await s.wait_finished(wid))
+
+
+async def expect_failure(s: Stack, wid: str, reason: str, **request: Any) -> dict[str, Any]:
+    await s.start(wid, **request)
+    rec = await s.wait_finished(wid)
+    assert rec["workflow_error"] is True
+    text = "\n".join(events(rec))
+    assert f"Reason: {reason}" in text, text
+    return rec
+
+
+async def test_failure_paths() -> None:
+    async with running_stack(modules=False) as s:
+        await expect_failure(s, await s.workflow(["build"]), "Unable to request build - no Builders are "
+                             "currently accessible in exchange 1!")
+        await expect_failure(s, await s.workflow(["deploy"]), "Unable to execute deployment - an invalid "
+                             "deployment cluster was provided!")
+        await expect_failure(s, await s.workflow(["deploy"]), f"Unable to request deploy to cluster "
+                             f"{s.orphan_token} - cluster is not associated with an exchange!",
+                             etcd_token=s.orphan_token)
+        await expect_failure(s, await s.workflow(["deploy"]), "Unable to request deploy - no deploy clusters are "
+                             "available in exchange 1!", etcd_token=s.deploy_token)
+        await expect_failure(s, await s.workflow(["deploy_ecs"]), "Unable to request deploy to ECS - no deploy "
+                             "clusters are available in exchange 1!")
+        await expect_failure(s, await s.workflow(["config", "teleport"]), "Unable to request config - no Builders "
+                             "are currently accessible in exchange 1!")
+        await expect_failure(s, await s.workflow(["scheduled"]), "Unable to execute deployment - the scheduled "
+                             "milestone was invoked, but no scheduled_start_time was set!")
+        for q in ("builder", "deployer", "deploy_oa"):
+            assert await s.drain("1", q) == []
+
+
+async def test_unknown_milestone_fails_naming_it() -> None:
+    async with running_stack() as s:
+        wid = await s.workflow(["build", "teleport"])
+        await s.start(wid)
+        await s.echo(await s.take("1", "builder", wid))
+        rec = await s.wait_finished(wid)
+        assert "Workflow Milestone Failed: teleport" in json.dumps(rec["event_log"])
+
+
+async def test_one_get_and_one_put_per_step() -> None:
+    async with running_stack() as s:
+        wid = await s.workflow(["build", "deploy"])
+        await s.start(wid, etcd_token=s.deploy_token)
+        await s.echo(await s.take("1", "builder", wid))
+        await s.echo(await s.take("1", "deployer", wid))
+        await s.wait_finished(wid)
+        reg = s.services[0].metrics.registry
+        count = "wo_manager_request_seconds_count"
+        gets = reg.get_sample_value(count, {"endpoint": "/workflows/{id}", "status": "200"})
+        puts = reg.get_sample_value(count, {"endpoint": "/workflows/{id}", "status": "204"})
+        assert (gets, puts) == (3, 3), "three steps: start, build done, deploy done"
