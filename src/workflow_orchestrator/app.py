@@ -17,6 +17,7 @@ from aiohttp import web
 
 from workflow_orchestrator.engine import Engine
 from workflow_orchestrator.ledger.store import Ledger
+from workflow_orchestrator.logging import redact_text
 from workflow_orchestrator.manager.client import ManagerClient, ManagerError, TransientManagerError
 from workflow_orchestrator.messaging.broker import BrokerPool, Publisher
 from workflow_orchestrator.messaging.consumer import Consumer, dead_letter
@@ -66,6 +67,7 @@ class Service:
         self.timer_tasks: set[asyncio.Task[None]] = set()
         self.health: dict[str, str | None] = {"manager": "starting", "ledger": "starting", "consuming": "starting"}
         self.http: web.AppRunner | None = None
+        self.disconnected_since: float | None = None
 
     # ---- start ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -74,21 +76,55 @@ class Service:
         await self._http_start()
         await self._until_ok("manager", self._check_manager)
         await self._until_ok("ledger", self._start_ledger)
+        await self._start_consumer()
+        self.health["consuming"] = None
+        await self._register("active")
+        self.tasks = [asyncio.create_task(c()) for c in (self._timer_loop, self._heartbeat_loop, self._health_loop)]
+        log.info("started", exchange_id=s.exchange_id, queue=self.consumer.route.routing_key if self.consumer else None, hostname=s.hostname)
+
+    async def _start_consumer(self) -> None:
+        s = self.settings
         route = await self.resolver.route(s.exchange_id, s.queue_name)
         try:
             self.consumer_conn = await aio_pika.connect_robust(
                 route.url, client_properties={"connection_name": f"workflow-orchestrator@{s.hostname} consumer"})
         except Exception as exc:
             raise StartupError(f"cannot connect to the broker of exchange {s.exchange_id}: "
-                               f"{type(exc).__name__}: {exc}") from None
+                               f"{type(exc).__name__}: {redact_text(str(exc))}") from None
         self.consumer = Consumer(self.consumer_conn, route, self._on_message, prefetch=s.prefetch,
                                  queue_type=s.queue_type, delivery_limit=s.delivery_limit)
         self.engine.dead_letter = self._dead_letter
         await self.consumer.start()
+        self.disconnected_since = None
+
+    async def _watch_broker(self) -> None:
+        """Belt and braces over aio-pika's robust reconnect: a consumer connection that stays down
+        for 15 s (seen after full broker restarts) is replaced by a new one."""
+        conn = self.consumer_conn
+        if conn is None or conn.connected.is_set():
+            self.disconnected_since = None
+            return
+        now = time.monotonic()
+        if self.disconnected_since is None:
+            self.disconnected_since = now
+            return
+        if now - self.disconnected_since < 15:
+            return
+        log.warning("broker connection still down; reconnecting from scratch")
+        self.health["consuming"] = "reconnecting to the broker"
+        old, old_consumer = conn, self.consumer
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(old.close(), 5)
+        await self.pool.close()
+        try:
+            await self._start_consumer()
+        except Exception as exc:  # noqa: BLE001 - try again on the next round
+            log.warning("reconnect failed", error=redact_text(f"{type(exc).__name__}: {exc}"))
+            self.consumer = old_consumer
+            self.consumer_conn = old
+            self.disconnected_since = now - 10
+            return
         self.health["consuming"] = None
-        await self._register("active")
-        self.tasks = [asyncio.create_task(c()) for c in (self._timer_loop, self._heartbeat_loop, self._health_loop)]
-        log.info("started", exchange_id=s.exchange_id, queue=route.routing_key, hostname=s.hostname)
 
     async def _until_ok(self, part: str, check: Callable[[], Awaitable[None]]) -> None:
         """Retry a dependency that is down for a transient reason; fail at once on a permanent one."""
@@ -199,6 +235,7 @@ class Service:
                     self.health["manager"] = None
                 except Exception as exc:
                     self.health["manager"] = str(exc) or type(exc).__name__
+            await self._watch_broker()
             await self._apply_health()
 
     async def _apply_health(self) -> None:

@@ -65,4 +65,6 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     ))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(max(lvl, logging.WARNING) if lvl < logging.WARNING else lvl)
+    root.setLevel(lvl)
+    for noisy in ("aiormq", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))

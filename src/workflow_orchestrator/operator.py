@@ -306,7 +306,7 @@ async def dlq_replay(settings: Settings, *, message_id: str | None = None, limit
     async with _error_queue(settings) as (route, conn):
         name = error_queue_name(route.routing_key)
         publish_channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
-        exchange = await declare_route(publish_channel, route, settings.queue_type, settings.delivery_limit)
+        exchange, _ = await declare_route(publish_channel, route, settings.queue_type, settings.delivery_limit)
         timeout = settings.publish_timeout.total_seconds()
 
         async def visit(message: AbstractIncomingMessage) -> bool:

@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
+import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +27,7 @@ from tests.support.sandbox import random_seed, running_sandbox, sandbox_schema, 
 from tests.support.services import AMQP_URL, DATABASE_URL
 from workflow_orchestrator.sandbox.migrations import MIGRATIONS
 from workflow_orchestrator.sandbox.seed import DEFAULT_SEED, load_seed
-from workflow_orchestrator.sandbox.server import RunningSandbox, SandboxSettings, start_sandbox
+from workflow_orchestrator.sandbox.server import RunningSandbox, SandboxSettings, SandboxStartError, start_sandbox
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -550,7 +554,7 @@ async def test_exchanges(site: Api) -> None:
     assert resp.json() == {"id": 2, "name": "west", "routing_key": seed.exchange(2).routing_key,
                            "root_exchange_name": seed.exchange(2).root_exchange_name, "failover_exchange_id": 1}
     assert (await site.get("/messaging/exchanges/1")).json()["failover_exchange_id"] is None
-    for bad in ("99", "x", "-1", "99999999999999999999999"):
+    for bad in ("99", "x", "-1", "--5", "-", "1.0", "99999999999999999999999", "9223372036854775808"):
         assert (await site.get(f"/messaging/exchanges/{bad}")).status_code == 404, bad
 
 
@@ -716,3 +720,79 @@ def test_the_config_seed_and_the_packaged_default_agree() -> None:
     assert [(c.etcd_token, c.messaging_exchange_id, c.allow_docker_builds) for c in packaged.clusters] == [
         ("sandbox-build", 1, True), ("sandbox-deploy-east", 1, False), ("sandbox-deploy-west", 2, False)]
     assert packaged.modules == []
+
+
+async def test_serve_runs_from_the_environment_until_sigterm(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with sandbox_schema() as schema:
+        env = {**os.environ, "SANDBOX_DATABASE_URL": DATABASE_URL, "SANDBOX_DB_SCHEMA": schema,
+               "SANDBOX_PORT": str(port), "SANDBOX_SEED_FILE": str(write_seed(tmp_path / "s.toml", random_seed())),
+               "SANDBOX_AMQP_URL": AMQP_URL}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import asyncio\nfrom workflow_orchestrator.sandbox.server import "
+            "SandboxSettings, serve\nasyncio.run(serve(SandboxSettings()))",
+            env=env, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                deadline = time.monotonic() + 20
+                while True:
+                    try:
+                        if (await http.get("/healthz")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    assert proc.returncode is None and time.monotonic() < deadline, "sandbox did not come up"
+                    await asyncio.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            out, _ = await asyncio.wait_for(proc.communicate(), 20)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0, out.decode()
+        text = out.decode()
+        assert f"127.0.0.1:{port}" in text and "sandbox.stopping" in text
+        assert "secret-" not in text  # the client secret is never logged
+
+
+async def test_start_errors_are_one_readable_line(tmp_path: Path) -> None:
+    bad_ref = random_seed()
+    bad_ref["clusters"][0]["messaging_exchange_id"] = 99
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"seed_file": tmp_path / "missing.toml"}, "cannot read seed file"),
+        ({"seed_file": write_seed(tmp_path / "bad.toml", bad_ref)}, "names no such record"),
+        ({"database_url": "postgresql://postgres:hunter2@127.0.0.1:1/postgres"}, "cannot prepare the database"),
+    ]
+    (tmp_path / "broken.toml").write_text("clients = [")
+    cases.append(({"seed_file": tmp_path / "broken.toml"}, "not valid TOML"))
+    for overrides, expected in cases:
+        settings: dict[str, Any] = {"database_url": DATABASE_URL, "port": 0, "amqp_url": AMQP_URL,
+                                    "db_schema": "sandbox_never_created", **overrides}
+        with pytest.raises(SandboxStartError) as info:
+            await start_sandbox(SandboxSettings(**settings))
+        assert expected in str(info.value)
+        assert "\n" not in str(info.value) and "hunter2" not in str(info.value)
+    async with running_sandbox() as sandbox:
+        port = int(sandbox.url.rsplit(":", 1)[1])
+        with pytest.raises(SandboxStartError, match="cannot listen"):
+            await start_sandbox(sandbox.settings.model_copy(update={"port": port}))
+
+
+async def test_execute_redeclares_topology_deleted_while_running(api: Api) -> None:
+    queue = orchestration_queue(api.sandbox)
+    first = await api.create()
+    assert (await api.post(f"/workflows/{first['id']}/execute", json={})).status_code == 202
+    await take_message(queue, first["id"])
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+        await channel.exchange_delete(api.sandbox.seed.exchange(1).root_exchange_name)
+    finally:
+        await connection.close()
+    second = await api.create()
+    resp = await api.post(f"/workflows/{second['id']}/execute", json={})
+    assert resp.status_code == 202, resp.text
+    await take_message(queue, second["id"])

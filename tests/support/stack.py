@@ -88,6 +88,7 @@ class Stack:
         self.west_token = f"deploy-west-{r}"
         self.orphan_token = f"orphan-{r}"
         self.services: list[Service] = []
+        self.processes: list[Any] = []  # subprocess replicas (tests.support.proc), killed at the end
         self.manager = ManagerClient(sandbox.url, f"{sandbox.url}/oauth/token", sandbox.client_id,
                                      sandbox.client_secret)
 
@@ -196,6 +197,22 @@ class Stack:
         body: dict[str, Any] = json.loads((await self.take_message(x, q, wid, timeout)).body)
         return body
 
+    async def wait_consuming(self, x: str = "1", timeout: float = 30.0) -> None:
+        """Until some process consumes the orchestration queue of exchange x."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ch = await self.amqp.channel()
+                q = await ch.declare_queue(self.queue(x, "workflow_orchestration"), passive=True)
+                consumers = q.declaration_result.consumer_count
+                await ch.close()
+                if consumers:
+                    return
+            except Exception:  # noqa: BLE001 - broker still coming back
+                pass
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"nobody consumes {self.queue(x, 'workflow_orchestration')} after {timeout}s")
+
     async def drain(self, x: str, q: str) -> list[dict[str, Any]]:
         ch = await self.amqp.channel()
         queue = await ch.get_queue(self.queue(x, q), ensure=False)
@@ -236,6 +253,8 @@ async def running_stack(*, start: bool = True, modules: bool = True, **orchestra
                     await stack.start_orchestrator(**orchestrator)
                 yield stack
             finally:
+                for proc in stack.processes:
+                    proc.kill()
                 await stack.stop_orchestrators()
                 await stack.manager.close()
                 await _delete_queues(stack)

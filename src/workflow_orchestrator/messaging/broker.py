@@ -12,7 +12,7 @@ from typing import Any
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
 
 from workflow_orchestrator.messaging.directory import Resolver
 from workflow_orchestrator.messaging.topology import QueueType, Route, error_queue_name, queue_arguments
@@ -59,10 +59,10 @@ class BrokerPool:
 
     async def _link(self, url: str) -> _Link:
         link = self._links.get(url)
-        if link is not None:
+        if link is not None and not link.conn.is_closed:
             return link
         async with self._locks.setdefault(url, asyncio.Lock()):
-            if url in self._links:
+            if url in self._links and not self._links[url].conn.is_closed:
                 return self._links[url]
             conn = await aio_pika.connect_robust(url, timeout=self.connect_timeout,
                                                  client_properties={"connection_name": self.app_id})
@@ -89,7 +89,7 @@ class BrokerPool:
 
 
 async def declare_route(channel: AbstractChannel, route: Route, queue_type: QueueType,
-                        delivery_limit: int) -> AbstractExchange:
+                        delivery_limit: int) -> tuple[AbstractExchange, AbstractQueue]:
     """The topic exchange, the queue bound with its routing key, and its error queue."""
     if route.exchange_name:
         exchange = await channel.declare_exchange(route.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
@@ -101,7 +101,7 @@ async def declare_route(channel: AbstractChannel, route: Route, queue_type: Queu
         await queue.bind(exchange, route.routing_key)
     err_args: dict[str, Any] | None = {"x-queue-type": "quorum"} if queue_type == "quorum" else None
     await channel.declare_queue(error_queue_name(route.routing_key), durable=True, arguments=err_args)
-    return exchange
+    return exchange, queue
 
 
 class Publisher:
@@ -127,7 +127,7 @@ class Publisher:
         exchange = link.exchanges.get(route.exchange_name)
         if key not in link.declared or exchange is None:
             async with link.lock:
-                exchange = await declare_route(link.channel, route, self.queue_type, self.delivery_limit)
+                exchange, _ = await declare_route(link.channel, route, self.queue_type, self.delivery_limit)
                 link.exchanges[route.exchange_name] = exchange
                 link.declared.add(key)
         message = aio_pika.Message(

@@ -74,8 +74,9 @@ class Consumer:
         self.channel = await self.conn.channel()
         self.dl_channel = await self.conn.channel(publisher_confirms=True, on_return_raises=True)
         await self.channel.set_qos(prefetch_count=self.prefetch)
-        await declare_route(self.channel, self.route, self.queue_type, self.delivery_limit)
-        self.queue = await self.channel.get_queue(self.route.routing_key, ensure=False)
+        # Consume on the declared queue object: the robust channel restores it and its consumer
+        # after a reconnect (a queue fetched with get_queue(ensure=False) is not restored).
+        _, self.queue = await declare_route(self.channel, self.route, self.queue_type, self.delivery_limit)
         await self.resume()
 
     async def resume(self) -> None:

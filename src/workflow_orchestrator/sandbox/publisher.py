@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -37,7 +36,7 @@ def queue_arguments(name: str, queue_type: QueueType, delivery_limit: int) -> di
 class StartPublisher:
     """Publishes persistent JSON messages with confirms and `mandatory`."""
 
-    def __init__(self, url: Callable[[], Awaitable[str]], *, timeout: float = 10.0,
+    def __init__(self, url: str | None, *, timeout: float = 10.0,
                  queue_type: QueueType = "classic", delivery_limit: int = 20) -> None:
         self._url = url
         self._timeout = timeout
@@ -53,20 +52,33 @@ class StartPublisher:
                       type_: str) -> str:
         """Publish `body` to the queue `routing_key` behind topic exchange `exchange_name` and wait
         for the broker's confirm. Returns the message id; raises PublishError."""
-        message_id = str(uuid.uuid4())
-        try:
-            exchange = await self._prepare(exchange_name, routing_key)
-            message = aio_pika.Message(
-                body, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=message_id, correlation_id=correlation_id, type=type_, app_id="sandbox-manager",
-                timestamp=datetime.now(UTC),
-            )
-            await exchange.publish(message, routing_key, mandatory=True, timeout=self._timeout)
-        except PublishError:
-            raise
-        except (TimeoutError, aio_pika.exceptions.AMQPException, aiormq.exceptions.AMQPError, OSError) as exc:
-            raise PublishError(f"{type(exc).__name__}: {mask_url(str(exc))[:300]}") from None
-        return message_id
+        message = aio_pika.Message(
+            body, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=str(uuid.uuid4()), correlation_id=correlation_id, type=type_, app_id="sandbox-manager",
+            timestamp=datetime.now(UTC),
+        )
+        for attempt in (1, 2):
+            try:
+                exchange = await self._prepare(exchange_name, routing_key)
+                await exchange.publish(message, routing_key, mandatory=True, timeout=self._timeout)
+                return str(message.message_id)
+            except PublishError:
+                raise
+            except (aio_pika.exceptions.DeliveryError, aiormq.exceptions.ChannelClosed) as exc:
+                # Returned or refused, so not delivered: the exchange, queue or binding was
+                # deleted behind our back. Declare again and retry once.
+                self._forget(exchange_name, routing_key)
+                if attempt == 2:
+                    raise PublishError(f"{type(exc).__name__}: {mask_url(str(exc))[:300]}") from None
+            except (TimeoutError, aio_pika.exceptions.AMQPException, aiormq.exceptions.AMQPError,
+                    OSError) as exc:
+                self._forget(exchange_name, routing_key)
+                raise PublishError(f"{type(exc).__name__}: {mask_url(str(exc))[:300]}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _forget(self, exchange_name: str, queue: str) -> None:
+        self._declared.discard((exchange_name, queue))
+        self._exchanges.pop(exchange_name, None)
 
     async def close(self) -> None:
         async with self._lock:
@@ -79,7 +91,10 @@ class StartPublisher:
     async def _prepare(self, exchange_name: str, queue: str) -> AbstractExchange:
         async with self._lock:
             if self._connection is None:
-                url = await self._url()
+                url = self._url
+                if url is None:
+                    raise PublishError("no broker connection: set SANDBOX_AMQP_URL or seed a connection "
+                                       "for the orchestrator's broker")
                 try:
                     connection = await asyncio.wait_for(
                         aio_pika.connect_robust(url, client_properties={"connection_name": "sandbox-manager"}),

@@ -45,6 +45,7 @@ _INT64 = (-(2**63), 2**63 - 1)
 _MAX_LOOKBACK_HOURS = 24 * 365 * 1000  # beyond this, "all" is what anyone means
 _DEFAULT_LOOKBACK_HOURS = 24  # as the Manager: the last day unless asked otherwise
 _INTEGER = re.compile(r"^[+-]?[0-9]{1,1000}$")
+_PATH_INT = re.compile(r"^-?[0-9]{1,19}$")
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
 
@@ -75,7 +76,7 @@ def _uuid_param(request: web.Request) -> uuid.UUID | None:
 
 def _int_param(request: web.Request) -> int | None:
     raw = request.match_info["id"]
-    if not raw.isascii() or not raw.lstrip("-").isdigit() or len(raw) > 20:
+    if not _PATH_INT.match(raw):
         return None
     value = int(raw)
     return value if _INT64[0] <= value <= _INT64[1] else None
@@ -160,6 +161,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except asyncpg.DataError as exc:
         # Input Postgres refused that validation let through; still the client's input.
         return json_error(400, f"invalid input: {type(exc).__name__}")
+    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+            asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
+        log.warning("sandbox.database_unavailable", error=type(exc).__name__)
+        return json_error(503, "the database is unavailable", headers={"Retry-After": "1"})
     except Exception:
         log.exception("sandbox.unhandled_error", method=request.method, path=request.path)
         return json_error(500, "internal error")
@@ -324,9 +329,9 @@ class Api:
         """The start message as the Manager sends it: the record, the execute options, and the
         routing fields that tell the orchestrator where it is and where notifications go."""
         seed = self.seed
-        exchange = await self.store.exchange(seed.orchestrator_exchange_id)
-        if exchange is None:
-            raise PublishError(f"orchestrator exchange {seed.orchestrator_exchange_id} does not exist")
+        # From the seed, not a query: this runs inside the execute transaction, and a second pool
+        # connection per request could exhaust the pool under concurrent executes.
+        exchange = seed.exchange(seed.orchestrator_exchange_id)
         message = {
             **record, **options,
             "id": record["id"], "workflow_id": record["id"],
@@ -337,10 +342,10 @@ class Api:
             "notifications_broker_id": seed.orchestrator_broker_id,
         }
         key = seed.orchestration_queue_name
-        if exchange["routing_key"]:
-            key = f"{exchange['routing_key']}.{key}"
+        if exchange.routing_key:
+            key = f"{exchange.routing_key}.{key}"
         return await self.publisher.publish(
-            exchange["root_exchange_name"], key, json.dumps(message).encode(),
+            exchange.root_exchange_name, key, json.dumps(message).encode(),
             correlation_id=record["id"], type_="workflow.start")
 
     # ---- exchanges -------------------------------------------------------------------------

@@ -13,22 +13,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import asyncpg
 import structlog
 from aiohttp import web
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from workflow_orchestrator.sandbox.auth import Tokens
-from workflow_orchestrator.sandbox.migrations import check_schema_name
-from workflow_orchestrator.sandbox.publisher import PublishError, StartPublisher
+from workflow_orchestrator.sandbox.migrations import MigrationError, check_schema_name
+from workflow_orchestrator.sandbox.publisher import StartPublisher
 from workflow_orchestrator.sandbox.routes import Api, RequestStats, auth_middleware, error_middleware
-from workflow_orchestrator.sandbox.seed import Seed, load_seed
+from workflow_orchestrator.sandbox.seed import Seed, SeedError, load_seed
 from workflow_orchestrator.sandbox.store import Store
 from workflow_orchestrator.settings import mask_url
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_SEED_FILE = Path("config/sandbox.toml")
+# Workflow records carry their event log and pass-through keys; messages may be 1 MiB (SPEC §6),
+# so the record saved after one must fit too.
+_MAX_BODY = 16 * 1024 * 1024
 
 
 class SandboxSettings(BaseSettings):
@@ -91,31 +95,44 @@ class RunningSandbox:
         await self.store.close()
 
 
-async def start_sandbox(settings: SandboxSettings) -> RunningSandbox:
-    """Migrate and seed the database, then serve on `settings.host:settings.port`."""
-    seed, _ = load_seed(settings.seed_file, fallback=settings.seed_file == DEFAULT_SEED_FILE)
-    store = await Store.open(settings.database_url.get_secret_value(), settings.db_schema, seed,
-                             reset=settings.reset, pool_size=settings.pool_size)
-    try:
-        async def amqp_url() -> str:
-            if settings.amqp_url is not None:
-                return settings.amqp_url.get_secret_value()
-            url = await store.broker_url(seed.orchestrator_exchange_id, seed.orchestrator_broker_id)
-            if url is None:
-                raise PublishError(f"no broker connection is seeded for exchange {seed.orchestrator_exchange_id}")
-            return url
+class SandboxStartError(Exception):
+    """The sandbox cannot start (seed, database, port); the message is one readable line."""
 
+
+async def start_sandbox(settings: SandboxSettings) -> RunningSandbox:
+    """Migrate and seed the database, then serve on `settings.host:settings.port`.
+    Raises SandboxStartError."""
+    dsn = settings.database_url.get_secret_value()
+    try:
+        seed, _ = load_seed(settings.seed_file, fallback=settings.seed_file == DEFAULT_SEED_FILE)
+        store = await Store.open(dsn, settings.db_schema, seed, reset=settings.reset,
+                                 pool_size=settings.pool_size)
+    except (SeedError, MigrationError) as exc:
+        raise SandboxStartError(str(exc)) from None
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise SandboxStartError(f"cannot prepare the database {mask_url(dsn)}: "
+                                f"{type(exc).__name__}: {mask_url(str(exc))}") from None
+    try:
+        # Broker records cannot change while running (only the seed writes them), so the
+        # connection is resolved once; a connection is picked at random as the orchestrator does.
+        amqp_url = settings.amqp_url.get_secret_value() if settings.amqp_url is not None else \
+            await store.broker_url(seed.orchestrator_exchange_id, seed.orchestrator_broker_id)
         publisher = StartPublisher(amqp_url, timeout=settings.publish_timeout_seconds,
                                    queue_type=settings.queue_type, delivery_limit=settings.delivery_limit)
         stats = RequestStats()
         tokens = Tokens(store, settings.token_ttl_seconds)
-        app = web.Application(middlewares=[stats.middleware, error_middleware, auth_middleware(tokens)])
+        app = web.Application(client_max_size=_MAX_BODY,
+                              middlewares=[stats.middleware, error_middleware, auth_middleware(tokens)])
         Api(store, tokens, publisher, seed, stats).install(app)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await runner.setup()
         try:
             site = web.TCPSite(runner, settings.host, settings.port)
             await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise SandboxStartError(f"cannot listen on {settings.host}:{settings.port}: "
+                                    f"{exc.strerror or exc}") from None
         except BaseException:
             await runner.cleanup()
             raise
@@ -133,7 +150,7 @@ async def start_sandbox(settings: SandboxSettings) -> RunningSandbox:
 
 
 async def serve(settings: SandboxSettings) -> None:
-    """Run until SIGTERM/SIGINT (or cancellation), then stop cleanly."""
+    """Run until SIGTERM/SIGINT (or cancellation), then stop cleanly. Raises SandboxStartError."""
     sandbox = await start_sandbox(settings)
     log.info("sandbox.started", url=sandbox.url, client_id=sandbox.client_id,
              token_url=sandbox.token_url, schema=settings.db_schema,

@@ -201,10 +201,6 @@ class Store:
         value = await self.pool.fetchval(f"SELECT {_EXCHANGE_JSON}::text FROM exchanges WHERE id = $1", xid)
         return None if value is None else str(value)
 
-    async def exchange(self, xid: int) -> dict[str, Any] | None:
-        text = await self.exchange_json(xid)
-        return None if text is None else dict(json.loads(text))
-
     async def _children(self, parent: str, child_sql: str, *args: Any) -> str | None:
         # One round trip answers both "does the parent exist" (404) and the list itself.
         row = await self.pool.fetchrow(f"SELECT EXISTS ({parent}) AS found, ({child_sql}) AS items", *args)

@@ -12,7 +12,7 @@ import re
 import uuid
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 WORKFLOW_FIELDS = (
     "id", "deployment_repo", "deployment_repo_git_ref", "source_repo", "source_repo_git_ref",
@@ -108,9 +108,25 @@ def validate(model: type[M], data: dict[str, Any], what: str) -> M:
     except ValidationError as exc:
         fields: dict[str, str] = {}
         for err in exc.errors(include_url=False):
-            loc = ".".join(str(p) for p in err["loc"]) or "(body)"
-            fields.setdefault(loc, err["msg"])
+            path = _input_path(data, err["loc"], missing=err["type"] == "missing")
+            fields.setdefault(path or "(body)", err["msg"])
         raise BadRequest(f"invalid {what}", fields) from None
+
+
+def _input_path(data: Any, loc: tuple[int | str, ...], *, missing: bool) -> str:
+    """The dotted path of `loc` in the input, without pydantic's union-member tags
+    (`x.constrained-int` becomes `x`)."""
+    parts: list[str] = []
+    current = data
+    for i, part in enumerate(loc):
+        in_dict = isinstance(current, dict) and part in current
+        in_list = isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current)
+        if in_dict or in_list:
+            current = current[part]
+        elif not (missing and i == len(loc) - 1):
+            continue
+        parts.append(str(part))
+    return ".".join(parts)
 
 
 def trim_repo(value: str) -> str:
@@ -193,7 +209,15 @@ class WorkflowCreate(WorkflowPatch):
         return data
 
 
-ExchangeRef = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | Annotated[str, Field(pattern=r"^-?[0-9]{1,18}$")]
+_DIGITS = re.compile(r"^-?[0-9]{1,18}$")
+
+
+def _digits_to_int(v: Any) -> Any:
+    # Exchange ids are integers in the Manager; "2" is accepted as 2, as it did.
+    return int(v) if isinstance(v, str) and _DIGITS.match(v) else v
+
+
+ExchangeRef = Annotated[int, Field(ge=-(2**63), le=2**63 - 1), BeforeValidator(_digits_to_int)]
 
 
 class ExecuteOptions(BaseModel):
@@ -211,12 +235,6 @@ class ExecuteOptions(BaseModel):
     fleet_config: dict[str, Any] | None = None
     aws_config: dict[str, Any] | None = None
     ecs_task_definition: dict[str, Any] | str | None = None
-
-    @field_validator("build_messaging_exchange_id", "deploy_messaging_exchange_id")
-    @classmethod
-    def _exchange_id(cls, v: int | str | None) -> int | None:
-        # Exchange ids are integers in the Manager; "2" is accepted as 2, as it did.
-        return None if v is None else int(v)
 
     def options(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_unset=True)
