@@ -80,7 +80,8 @@ class Service:
         self.health["consuming"] = None
         await self._register("active")
         self.tasks = [asyncio.create_task(c()) for c in (self._timer_loop, self._heartbeat_loop, self._health_loop)]
-        log.info("started", exchange_id=s.exchange_id, queue=self.consumer.route.routing_key if self.consumer else None, hostname=s.hostname)
+        queue = self.consumer.route.routing_key if self.consumer else None
+        log.info("started", exchange_id=s.exchange_id, queue=queue, hostname=s.hostname)
 
     async def _start_consumer(self) -> None:
         s = self.settings
@@ -118,7 +119,7 @@ class Service:
         await self.pool.close()
         try:
             await self._start_consumer()
-        except Exception as exc:  # noqa: BLE001 - try again on the next round
+        except Exception as exc:
             log.warning("reconnect failed", error=redact_text(f"{type(exc).__name__}: {exc}"))
             self.consumer = old_consumer
             self.consumer_conn = old

@@ -208,7 +208,7 @@ class Stack:
                 await ch.close()
                 if consumers:
                     return
-            except Exception:  # noqa: BLE001 - broker still coming back
+            except Exception:
                 pass
             await asyncio.sleep(0.2)
         raise AssertionError(f"nobody consumes {self.queue(x, 'workflow_orchestration')} after {timeout}s")
