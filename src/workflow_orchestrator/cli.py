@@ -100,14 +100,17 @@ def sandbox_manager() -> None:
     Example: SANDBOX_PORT=4000 workflow-orchestrator sandbox-manager
     """
     from workflow_orchestrator.logging import configure
-    from workflow_orchestrator.sandbox.server import SandboxSettings, serve
+    from workflow_orchestrator.sandbox.server import SandboxSettings, SandboxStartError, serve
 
     configure("info", "console")
     try:
         sandbox_settings = SandboxSettings()
     except Exception as exc:
         fail(f"invalid sandbox configuration: {exc}".splitlines()[0], 2)
-    run_async(serve(sandbox_settings))
+    try:
+        run_async(serve(sandbox_settings))
+    except SandboxStartError as exc:
+        fail(str(exc), 1)
 
 
 # ---- operator commands: create, execute, status, cancel, dlq -------------------------------------

@@ -15,20 +15,31 @@ class FaultyProxy:
         self.fail_workflow_calls = False
         self.failed = 0
         self.url = ""
+        self.port = 0
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> FaultyProxy:
+        self._session = aiohttp.ClientSession()
+        await self.restart()
+        return self
+
+    async def restart(self, port: int = 0) -> None:
+        """(Re)start listening; after stop(), on the same port as before."""
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._forward)
-        self._session = aiohttp.ClientSession()
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port or self.port)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        """The Manager is gone: connections are refused until restart()."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
     async def __aexit__(self, *exc: Any) -> None:
         if self._runner is not None:

@@ -128,8 +128,11 @@ class ManagerClient:
             except Exception as exc:  # authlib raises OAuthError or its HTTP library's errors
                 response = getattr(exc, "response", None)
                 status = int(getattr(response, "status_code", 0) or 0)
+                oauth_error = getattr(exc, "error", None)  # authlib's OAuthError: the server said no
+                if oauth_error and not status:
+                    status = 401
                 kind = TransientManagerError if status in (0, 429) or status >= 500 else ManagerError
-                detail = getattr(exc, "error", None) or type(exc).__name__
+                detail = oauth_error or type(exc).__name__
                 raise kind(f"token request to the OAuth endpoint failed: {detail}", status) from None
             finally:
                 await oauth.aclose()

@@ -153,7 +153,7 @@ async def serve(settings: SandboxSettings) -> None:
     """Run until SIGTERM/SIGINT (or cancellation), then stop cleanly. Raises SandboxStartError."""
     sandbox = await start_sandbox(settings)
     log.info("sandbox.started", url=sandbox.url, client_id=sandbox.client_id,
-             token_url=sandbox.token_url, schema=settings.db_schema,
+             oauth_login_url=sandbox.token_url, schema=settings.db_schema,
              database=mask_url(settings.database_url.get_secret_value()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
