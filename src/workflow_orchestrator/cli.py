@@ -114,6 +114,38 @@ def sandbox_manager() -> None:
 
 
 # ---- operator commands: create, execute, status, cancel, dlq -------------------------------------
+@app.command()
+def demo(
+    workflows: int = typer.Option(3, "--workflows", "-n", min=0, max=200,
+                                  help="How many successful releases, besides a failing build, a scheduled "
+                                       "workflow and a cancelled one."),
+    speed: float = typer.Option(0.5, "--speed", min=0.05, max=20.0,
+                                help="Multiplier of the simulated workers' durations (smaller is faster)."),
+    keep: bool = typer.Option(False, "--keep", help="Keep the demo database and queues afterwards."),
+    database_url: str = typer.Option("postgresql://postgres@127.0.0.1:5432/postgres", "--database-url",
+                                     envvar="DEMO_DATABASE_URL", help="Postgres to create the demo database in."),
+    amqp_url: str = typer.Option("amqp://guest:guest@127.0.0.1:5672/", "--amqp-url", envvar="DEMO_AMQP_URL",
+                                 help="RabbitMQ to use."),
+) -> None:
+    """Run the showcase: sandbox Manager + orchestrator + simulated workers, real workflows end to end.
+
+    Exits 0 only if every workflow ended as expected.
+
+    Example: workflow-orchestrator demo --workflows 5 --speed 0.3
+    """
+    from workflow_orchestrator.demo import run_demo
+    from workflow_orchestrator.logging import configure
+
+    configure("warning", "console")
+    try:
+        code = run_async(run_demo(workflows, speed, keep, database_url, amqp_url))
+    except (OSError, RuntimeError) as exc:
+        from workflow_orchestrator.logging import redact_text
+
+        fail(f"demo could not run: {redact_text(str(exc))}")
+    raise typer.Exit(code)
+
+
 def _operator_settings() -> Settings:
     """The service's settings for an operator command; library warnings go to stderr."""
     import warnings

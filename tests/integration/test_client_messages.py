@@ -8,8 +8,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -19,7 +18,6 @@ from tests.support.services import AMQP_URL
 from tests.support.stack import Stack, running_stack
 from workflow_orchestrator.client import OrchestrationClient, OrchestrationRequest, Worker
 from workflow_orchestrator.manager.client import NotFound
-from workflow_orchestrator.messaging.broker import BrokerPool
 
 Handler = Callable[[OrchestrationRequest], Awaitable[OrchestrationRequest | None]]
 
@@ -36,15 +34,6 @@ async def eventually(check: Callable[[], bool], what: str, timeout: float = 20.0
 def make_worker(s: Stack, handler: Handler, queue: str = "builder", **kw: Any) -> Worker:
     return Worker(queue, "2", handler, manager=s.manager, broker_id="1", amqp_url=AMQP_URL,
                   hostname=f"{queue}-{s.r}-{uuid.uuid4().hex[:6]}", shutdown_grace=5, **kw)
-
-
-@asynccontextmanager
-async def client_of(s: Stack) -> AsyncIterator[OrchestrationClient]:
-    pool = BrokerPool("client-test")
-    try:
-        yield OrchestrationClient(s.manager, pool, broker_id="1", exchange_id="2", amqp_url=AMQP_URL)
-    finally:
-        await pool.close()
 
 
 def request_for(wid: str, **extra: Any) -> dict[str, Any]:
@@ -168,7 +157,9 @@ async def test_a_request_unfinished_at_shutdown_is_redelivered() -> None:
 
 
 async def test_start_cancel_and_notify_messages() -> None:
-    async with running_stack(start=False, modules=False) as s, client_of(s) as client:
+    async with running_stack(start=False, modules=False) as s, OrchestrationClient.connect(
+            manager_url=s.sandbox.url, token_url=f"{s.sandbox.url}/oauth/token", client_id=s.sandbox.client_id,
+            client_secret=s.sandbox.client_secret, broker_id="1", exchange_id="2", amqp_url=AMQP_URL) as client:
         wid = await s.workflow(["build"])
         start_id = await client.start(wid, via="queue", force_build=True, build_exchange=1, custom={"k": "v"})
         start = await s.take_message("2", "workflow_orchestration", wid)
