@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 . scripts/services.sh
 wo_services_up
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -e .
+.venv/bin/pip install -q .
 exec .venv/bin/workflow-orchestrator demo "$@"
