@@ -10,7 +10,8 @@ COPY src ./src
 RUN /opt/venv/bin/pip install .
 
 FROM python:3.11-slim
-RUN groupadd --system app && useradd --system --gid app --home-dir /app --shell /usr/sbin/nologin app
+RUN groupadd --system --gid 10001 app \
+ && useradd --system --uid 10001 --gid app --home-dir /app --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 COPY config /app/config
 WORKDIR /app
@@ -19,7 +20,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     APP_ENV=production \
     CONFIG_DIR=/app/config \
     HTTP_PORT=8080
-USER app
+USER 10001
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2); sys.exit(0)"]

@@ -146,6 +146,27 @@ def demo(
     raise typer.Exit(code)
 
 
+@app.command("demo-workers")
+def demo_workers(
+    speed: float = typer.Option(1.0, "--speed", min=0.05, max=20.0, help="Multiplier of the simulated durations."),
+) -> None:
+    """Run the demo's simulated builder and deployer against a running site (compose), until SIGTERM.
+
+    Reads the same environment as `run` (EXCHANGE_ID, BROKER_ID, MANAGER_URL, OAUTH_*, AMQP_URL).
+
+    Example: workflow-orchestrator demo-workers --speed 0.5
+    """
+    from workflow_orchestrator.demo import run_workers
+    from workflow_orchestrator.logging import configure
+
+    s = settings_or_exit()
+    configure(s.log_level, s.log_format)
+    amqp = s.amqp_url.get_secret_value() if s.amqp_url else None
+    run_async(run_workers(s.manager_url, s.oauth_login_url, s.oauth_client_id,
+                          s.oauth_client_secret.get_secret_value(), s.exchange_id, s.broker_id, amqp, s.hostname,
+                          speed))
+
+
 def _operator_settings() -> Settings:
     """The service's settings for an operator command; library warnings go to stderr."""
     import warnings

@@ -373,3 +373,29 @@ async def _cleanup_queues(amqp_url: str, rk: str, root: str) -> None:
                 await ch.queue_delete(name)
         await ch.exchange_delete(root)
         await conn.close()
+
+
+async def run_workers(manager_url: str, token_url: str, client_id: str, client_secret: str, exchange_id: str,
+                      broker_id: str, amqp_url: str | None, hostname: str, speed: float) -> None:
+    """The demo's simulated builder and deployer against a running site, until SIGTERM."""
+    manager = ManagerClient(manager_url, token_url, client_id, client_secret)
+    pool = BrokerPool(app_id=f"demo-workers@{hostname}")
+    client = OrchestrationClient(manager, pool, broker_id=broker_id, exchange_id=exchange_id, amqp_url=amqp_url)
+    workers = [Worker("builder", exchange_id, builder(speed, [client]), manager=manager, broker_id=broker_id,
+                      amqp_url=amqp_url, hostname=f"{hostname}-builder"),
+               Worker("deployer", exchange_id, deployer(speed), manager=manager, broker_id=broker_id,
+                      amqp_url=amqp_url, hostname=f"{hostname}-deployer")]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await manager.start()
+        for w in workers:
+            await w.start()
+        await stop.wait()
+    finally:
+        for w in workers:
+            await w.stop()
+        await pool.close()
+        await manager.close()
