@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
-
 from services import (
     BUILDER,
     CHAT,
@@ -206,6 +205,7 @@ class Load:
         for body in starts:
             self.owner[str(body["id"])] = phase
         phase.first_start = time.perf_counter()
+        publishing: asyncio.Future[Any]
         if rate is None:
             limit = asyncio.Semaphore(64)
 

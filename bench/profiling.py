@@ -52,9 +52,10 @@ class Spy:
 @dataclass(frozen=True)
 class Profile:
     samples: int
-    self_by_function: list[tuple[str, int]]
-    inclusive_by_function: list[tuple[str, int]]
     self_by_package: list[tuple[str, int]]
+    self_by_function: list[tuple[str, int]]
+    inclusive_by_function: list[tuple[str, int]]  # the service's own functions (the hot path)
+    inclusive_by_library_call: list[tuple[str, int]]  # library entry points called from the service
 
 
 def _package(frame: str) -> str:
@@ -67,11 +68,17 @@ def _package(frame: str) -> str:
     return parts[0].removesuffix(".py") if len(parts) > 1 else f"({parts[0]})"
 
 
+def _own(frame: str) -> bool:
+    return "(workflow_orchestrator/" in frame or "(relay.py:" in frame
+
+
 def read_profile(folded: Path, top: int = 25) -> Profile:
-    """Top functions by self and by inclusive samples, and self samples by package."""
+    """Self samples by package and by function; inclusive samples of the service's own functions
+    and of the first library function each of them calls."""
     self_fn: Counter[str] = Counter()
-    incl_fn: Counter[str] = Counter()
     self_pkg: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
     total = 0
     for line in folded.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -83,8 +90,14 @@ def read_profile(folded: Path, top: int = 25) -> Profile:
         self_fn[frames[-1]] += count
         self_pkg[_package(frames[-1])] += count
         for frame in set(frames):
-            incl_fn[frame] += count
-    return Profile(total, self_fn.most_common(top), incl_fn.most_common(top), self_pkg.most_common(top))
+            if _own(frame):
+                own[frame] += count
+        below = [i for i, f in enumerate(frames) if _own(f)]
+        if below and below[-1] + 1 < len(frames):
+            calls[f"{frames[below[-1]].split(' ')[0]} -> {frames[below[-1] + 1]}"] += count
+    # Frames on (nearly) every sample, such as the CLI's main, say nothing.
+    hot = [(k, n) for k, n in own.most_common() if n < 0.99 * total][:top]
+    return Profile(total, self_pkg.most_common(top), self_fn.most_common(top), hot, calls.most_common(top))
 
 
 def format_profile(name: str, p: Profile) -> str:
@@ -96,6 +109,8 @@ def format_profile(name: str, p: Profile) -> str:
     out += [f"  {pct(n)}  {k}" for k, n in p.self_by_package]
     out += ["", "self time by function:"]
     out += [f"  {pct(n)}  {k}" for k, n in p.self_by_function]
-    out += ["", "inclusive time by function:"]
+    out += ["", "inclusive time of the service's own functions:"]
     out += [f"  {pct(n)}  {k}" for k, n in p.inclusive_by_function]
+    out += ["", "inclusive time of library calls made by the service's own functions (caller -> callee):"]
+    out += [f"  {pct(n)}  {k}" for k, n in p.inclusive_by_library_call]
     return "\n".join(out) + "\n"

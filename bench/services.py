@@ -141,6 +141,49 @@ def machine_busy_seconds() -> tuple[float, float]:
     return (total - idle) / CLK_TCK, total / CLK_TCK
 
 
+SHARED_SERVICES = frozenset({"beam.smp", "postgres", "epmd", "erl_child_setup", "inet_gethost"})
+
+
+def shared_services_cpu() -> dict[int, float]:
+    """CPU seconds so far of RabbitMQ's and Postgres's processes, by pid."""
+    out: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        comm = stat[stat.find("(") + 1:stat.rfind(")")]
+        if comm in SHARED_SERVICES:
+            fields = stat[stat.rfind(")") + 2:].split()
+            out[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU used between two snapshots by the processes of the second (new ones entirely)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
+async def wait_idle(max_cores: float, timeout: float, report: Callable[[str], None]) -> float:
+    """Wait until the machine is nearly idle (other sessions' builds or tests would skew every
+    figure): busy < `max_cores` over one second. Returns the last load seen; after `timeout`
+    the caller goes on and flags its figures as taken on a busy machine."""
+    deadline = time.monotonic() + timeout
+    said = False
+    while True:
+        b0, _ = machine_busy_seconds()
+        await asyncio.sleep(1.0)
+        b1, _ = machine_busy_seconds()
+        load = b1 - b0
+        if load < max_cores or time.monotonic() > deadline:
+            return load
+        if not said:
+            report(f"waiting for the machine to be idle: {load:.2f} cores busy with other work (up to {timeout:.0f}s)")
+            said = True
+
+
 def machine() -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
@@ -294,9 +337,11 @@ def _db_url(admin_url: str, db: str) -> str:
 
 @asynccontextmanager
 async def running_services(conn: AbstractRobustConnection, *, amqp_url: str, database_url: str, prefetch: int,
-                           workdir: Path, sandbox_pool: int) -> AsyncIterator[Services]:
+                           workdir: Path, sandbox_pool: int, orchestrator_src: Path | None = None,
+                           ) -> AsyncIterator[Services]:
     """Fresh names, database, schema and topology; the three processes started and consuming.
-    Everything is stopped and dropped on the way out."""
+    Everything is stopped and dropped on the way out. `orchestrator_src`: run the orchestrator from
+    that source tree (its `src` folder) instead of the installed one, to measure a candidate patch."""
     n = Names.random()
     admin = await asyncpg.connect(database_url)
     try:
@@ -312,8 +357,14 @@ async def running_services(conn: AbstractRobustConnection, *, amqp_url: str, dat
         **env, "SANDBOX_DATABASE_URL": database_url, "SANDBOX_DB_SCHEMA": n.schema, "SANDBOX_HOST": "127.0.0.1",
         "SANDBOX_PORT": str(port), "SANDBOX_SEED_FILE": str(seed), "SANDBOX_AMQP_URL": amqp_url,
         "SANDBOX_POOL_SIZE": str(sandbox_pool)}, workdir)
-    orchestrator = Process("orchestrator", [*cli(), "run"], {
-        **env, "EXCHANGE_ID": "1", "BROKER_ID": "1", "MANAGER_URL": url, "OAUTH_LOGIN_URL": f"{url}/oauth/token",
+    argv = [*cli(), "run"]
+    if orchestrator_src is not None:
+        env_orch = {**env, "PYTHONPATH": str(orchestrator_src)}
+        argv = [sys.executable, "-m", "workflow_orchestrator", "run"]
+    else:
+        env_orch = env
+    orchestrator = Process("orchestrator", argv, {
+        **env_orch, "EXCHANGE_ID": "1", "BROKER_ID": "1", "MANAGER_URL": url, "OAUTH_LOGIN_URL": f"{url}/oauth/token",
         "OAUTH_CLIENT_ID": n.client_id, "OAUTH_CLIENT_SECRET": n.client_secret,
         "DATABASE_URL": _db_url(database_url, n.ledger_db), "APP_ENV": "production", "LOG_LEVEL": "warning",
         "HTTP_PORT": "0", "PREFETCH": str(prefetch), "HOSTNAME": n.orchestrator_host}, workdir)
