@@ -267,7 +267,7 @@ class Engine:
             await self.manager.put_workflow(wid, {k: record.get(k) for k in WORKFLOW_FIELDS if k != "id"})
         messages = [OutMessage(m["exchange_id"], m["queue"], m["body"], m["type"], m["message_id"], wid)
                     for m in effects.get("messages", [])]
-        await self.publisher.publish_all(messages)
+        await self.publisher.publish_all(messages, attempts=3)
         await s.mark_done(row.seq)
 
     def _count(self, outcome: str) -> None:

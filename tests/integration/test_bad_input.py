@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -100,3 +101,31 @@ async def _collect_errors(s: Any, n: int) -> list[Any]:
         out.append(msg)
     await ch.close()
     return out
+
+
+async def test_dlq_replay_restores_a_fixed_message() -> None:
+    from workflow_orchestrator import operator
+
+    async with running_stack() as s:
+        wid = str(uuid.uuid4())
+        start = {"id": wid, "workflow_id": wid, "deployment_repo": "acme/late", "milestones": ["deploy_ecs"]}
+        await s.publish("1", "workflow_orchestration", start, message_id="early-start")
+        settings = s.settings()
+        deadline = time.monotonic() + 20
+        listed = await operator.dlq_list(settings)
+        while not listed["messages"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            listed = await operator.dlq_list(settings)
+        [parked] = listed["messages"]
+        assert parked["message_id"] == "early-start"
+        assert f"unknown workflow {wid}" in parked["reason"]
+        # The fix: the workflow now exists in the Manager. Replay sends the same message back.
+        created = await s.manager.create_workflow({"id": wid, "deployment_repo": "acme/late",
+                                                  "milestones": ["deploy_ecs"]})
+        assert created == wid
+        await s.manager.put_workflow(wid, {"milestones": ["deploy_ecs"]})
+        replayed = await operator.dlq_replay(settings, message_id="early-start")
+        assert [m["message_id"] for m in replayed["replayed"]] == ["early-start"]
+        req = await s.take("1", "deployer", wid)
+        assert req["current_step"] == "deploy_ecs"
+        assert (await operator.dlq_list(settings))["messages"] == []

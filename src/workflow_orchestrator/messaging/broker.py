@@ -148,11 +148,19 @@ class Publisher:
         if self.observe is not None:
             self.observe(time.perf_counter() - started)
 
-    async def publish_all(self, messages: list[OutMessage]) -> None:
-        """Publish concurrently on the pooled channels; raises if any is not confirmed."""
-        if not messages:
-            return
-        results = await asyncio.gather(*(self.publish(m) for m in messages), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+    async def publish_all(self, messages: list[OutMessage], attempts: int = 1) -> None:
+        """Publish concurrently and wait for every confirm. Broker hiccups are retried briefly,
+        re-sending only the unconfirmed messages; raises PublishFailed if some stay unconfirmed."""
+        remaining = messages
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(min(0.2 * 2 ** attempt, 2.0))
+            results = await asyncio.gather(*(self.publish(m) for m in remaining), return_exceptions=True)
+            failed = [(m, r) for m, r in zip(remaining, results, strict=True) if isinstance(r, BaseException)]
+            for _, r in failed:
+                if not isinstance(r, PublishFailed):
+                    raise r
+            if not failed:
+                return
+            remaining = [m for m, _ in failed]
+        raise failed[0][1]
