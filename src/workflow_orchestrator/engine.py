@@ -200,20 +200,21 @@ class Engine:
     # ---- the step ------------------------------------------------------------------------
     async def _process(self, trigger: Trigger, wid: str, key: str, timer_id: int | None = None) -> None:
         try:
-            async with self.ledger.session(wid) as s:
-                own, pending, run = await s.state(key)
-                if own is not None and own.done:
+            async with self.ledger.session(wid, key) as s:
+                if s.own is not None and s.own.done:
                     self._count("duplicate")
                     log.info("duplicate message ignored")
                     return
+                pending = s.pending
                 for row in pending:  # earlier decisions of this workflow first (SPEC §6)
                     await self._apply(s, wid, row)
-                if own is not None:
+                if s.own is not None:
                     self._count("resumed")
                     log.info("resumed unfinished effects")
                     return
                 if pending:
-                    _, _, run = await s.state(key)
+                    await s.refresh()
+                run = s.run
                 try:
                     record = await self.manager.get_workflow(wid)
                 except NotFound:
@@ -227,7 +228,7 @@ class Engine:
                         await s.delete_timer(timer_id)
                     log.info("ignored", outcome=decision.outcome, why=decision.note)
                     return
-                row = await s.record(key, decision)
+                row = await s.record(decision)
                 await self._apply(s, wid, row)
                 self._observe(decision, run)
         except (TransientManagerError, PublishFailed) as exc:
@@ -268,7 +269,7 @@ class Engine:
         messages = [OutMessage(m["exchange_id"], m["queue"], m["body"], m["type"], m["message_id"], wid)
                     for m in effects.get("messages", [])]
         await self.publisher.publish_all(messages, attempts=3)
-        await s.mark_done(row.seq)
+        s.mark_done(row.seq)
 
     def _count(self, outcome: str) -> None:
         self.metrics.messages.labels(outcome).inc()
