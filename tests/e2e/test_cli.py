@@ -205,9 +205,12 @@ async def test_dlq_list_replay_purge() -> None:
         env = env_of(s)
         errq = f"{s.queue('1', 'workflow_orchestration')}_error"
         wid = str(uuid.uuid4())
+        # One at a time, so the error queue holds them in this order (the orchestrator works in parallel).
         m_text = await s.publish("1", "workflow_orchestration", b"this is not json")
+        await until_count(s, errq, 1)
         m_unknown = await s.publish("1", "workflow_orchestration", {"id": wid, "deployment_repo": "acme/late"},
                                     correlation_id=wid)
+        await until_count(s, errq, 2)
         m_list = await s.publish("1", "workflow_orchestration", b"[1, 2, 3]")
         await until_count(s, errq, 3)
 

@@ -68,8 +68,8 @@ async def test_a_request_with_unknown_fields_comes_back_intact() -> None:
         async with make_worker(s, echo) as worker:
             await s.publish("2", "builder", sent)
             msg = await s.take_message("2", "workflow_orchestration", wid)
+            await eventually(lambda: worker.handled == 1, "request acknowledged")
         assert json.loads(msg.body) == sent, "the callback is the request, unchanged in meaning"
-        assert worker.handled == 1
         assert msg.type == "workflow.continue"
         assert msg.correlation_id == wid
         assert msg.content_type == "application/json"
@@ -106,15 +106,16 @@ async def test_bad_bodies_are_dead_lettered_and_the_worker_carries_on() -> None:
         wid = str(uuid.uuid4())
         async with make_worker(s, build) as worker:
             bad = await s.publish("2", "builder", b"{not json")
-            await s.publish("2", "builder", {"id": wid, "current_step": 7})
+            wrong = await s.publish("2", "builder", {"id": wid, "current_step": 7})
             await s.publish("2", "builder", request_for(wid))
             await s.take_message("2", "workflow_orchestration", wid)
-            parked = [await s.take_message("2", "builder_error") for _ in range(2)]
+            await eventually(lambda: worker.handled == 1, "the good request acknowledged")
+            parked = {m.message_id: m for m in [await s.take_message("2", "builder_error") for _ in range(2)]}
         assert worker.handled == 1
-        assert parked[0].message_id == bad and parked[0].body == b"{not json"
-        assert str(parked[0].headers["x-error-reason"]).startswith("not a request: ")
-        assert "current_step" in str(parked[1].headers["x-error-reason"])
-        assert parked[1].headers["x-error-at"]
+        assert parked[bad].body == b"{not json"
+        assert str(parked[bad].headers["x-error-reason"]).startswith("not a request: ")
+        assert "current_step" in str(parked[wrong].headers["x-error-reason"])
+        assert parked[wrong].headers["x-error-at"]
 
 
 async def test_a_callback_to_an_unknown_exchange_is_parked() -> None:
@@ -153,7 +154,8 @@ async def test_a_request_unfinished_at_shutdown_is_redelivered() -> None:
         assert first.handled == 0
         async with make_worker(s, quick) as second:
             await s.take_message("2", "workflow_orchestration", wid)
-            assert second.handled == 1 and handled_by == ["second"]
+            await eventually(lambda: second.handled == 1, "redelivered request handled")
+            assert handled_by == ["second"]
 
 
 async def test_start_cancel_and_notify_messages() -> None:
