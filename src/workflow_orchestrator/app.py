@@ -76,8 +76,7 @@ class Service:
         await self._http_start()
         await self._until_ok("manager", self._check_manager)
         await self._until_ok("ledger", self._start_ledger)
-        await self._start_consumer()
-        self.health["consuming"] = None
+        await self._until_ok("consuming", self._start_consumer)
         await self._register("active")
         self.tasks = [asyncio.create_task(c()) for c in (self._timer_loop, self._heartbeat_loop, self._health_loop)]
         queue = self.consumer.route.routing_key if self.consumer else None
@@ -89,9 +88,11 @@ class Service:
         try:
             self.consumer_conn = await aio_pika.connect_robust(
                 route.url, client_properties={"connection_name": f"workflow-orchestrator@{s.hostname} consumer"})
-        except Exception as exc:
-            raise StartupError(f"cannot connect to the broker of exchange {s.exchange_id}: "
-                               f"{type(exc).__name__}: {redact_text(str(exc))}") from None
+        except (aio_pika.exceptions.ProbableAuthenticationError, aio_pika.exceptions.AuthenticationError) as exc:
+            raise StartupError(f"the broker of exchange {s.exchange_id} refused the credentials: "
+                               f"{redact_text(str(exc))}") from None
+        except (aio_pika.exceptions.AMQPConnectionError, aio_pika.exceptions.ConnectionClosed) as exc:
+            raise OSError(f"broker of exchange {s.exchange_id} unreachable: {redact_text(str(exc))}") from None
         self.consumer = Consumer(self.consumer_conn, route, self._on_message, prefetch=s.prefetch,
                                  queue_type=s.queue_type, delivery_limit=s.delivery_limit)
         self.engine.dead_letter = self._dead_letter
@@ -141,10 +142,10 @@ class Service:
                 raise StartupError(f"Manager: {exc}") from None
             except (TimeoutError, OSError) as exc:
                 self.health[part] = f"{type(exc).__name__}: {exc}"
-            except Exception as exc:
-                if part == "ledger":
-                    raise StartupError(f"ledger: {type(exc).__name__}: {exc}") from None
+            except StartupError:
                 raise
+            except Exception as exc:
+                raise StartupError(f"{part}: {type(exc).__name__}: {redact_text(str(exc))}") from None
             log.warning("waiting for dependency", part=part, error=self.health[part], retry_in=delay)
             try:
                 await asyncio.wait_for(self.stopping.wait(), delay)

@@ -77,13 +77,18 @@ async def readyz(port: int) -> tuple[int, dict[str, object]]:
 
 
 async def wait_ready(port: int, code: int, timeout: float = 30) -> dict[str, object]:
+    """Until /readyz answers `code` (a process still starting up does not listen yet)."""
     deadline = time.monotonic() + timeout
-    status, body = await readyz(port)
-    while status != code and time.monotonic() < deadline:
+    status, body = 0, {}
+    while time.monotonic() < deadline:
+        try:
+            status, body = await readyz(port)
+        except httpx.TransportError as exc:
+            status, body = 0, {"error": str(exc)}
+        if status == code:
+            return body
         await asyncio.sleep(0.2)
-        status, body = await readyz(port)
-    assert status == code, body
-    return body
+    raise AssertionError(f"/readyz did not answer {code} within {timeout}s: {status} {body}")
 
 
 async def test_readyz_follows_postgres_and_the_manager() -> None:
@@ -164,3 +169,23 @@ def test_config_error_exits_2_naming_every_bad_variable() -> None:
         assert name in err, err
     assert "TopS3cret-value" not in err + r.stdout
     assert len(err.strip().splitlines()) == 1, "one readable line"
+
+
+async def test_broker_down_at_start_up_waits_not_ready_then_consumes() -> None:
+    port = free_port()
+    async with running_stack(start=False) as s:
+        amqp = TcpProxy("127.0.0.1", 5672)
+        await amqp.start()
+        await amqp.cut()  # the broker is "down" before the service starts
+        orch = OrchestratorProcess(s, "nobroker", AMQP_URL=f"amqp://guest:guest@127.0.0.1:{amqp.port}/",
+                                   HTTP_PORT=str(port))
+        orch.start()
+        body = await wait_ready(port, 503)
+        assert "consuming" in str(body["failing"])
+        assert orch.alive()
+        await amqp.restore()
+        await wait_ready(port, 200, timeout=40)
+        wid = await s.workflow(["deploy_ecs"])
+        await s.start(wid)
+        await s.take("1", "deployer", wid)
+        assert await orch.terminate() == 0
