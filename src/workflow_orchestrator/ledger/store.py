@@ -78,11 +78,15 @@ MIGRATIONS: list[str] = [
         RETURN wo_state(p_wid, p_key);
     END
     $f$;
-    CREATE FUNCTION wo_leave(p_wid text, p_done bigint[]) RETURNS void LANGUAGE plpgsql AS $f$
+    -- A procedure, CALLed outside a transaction block, so the done marks are committed BEFORE the
+    -- unlock: the next holder (waiting in wo_enter) must not take its snapshot before that commit,
+    -- or it would see the effects as unfinished and carry them out again.
+    CREATE PROCEDURE wo_exit(p_wid text, p_done bigint[]) LANGUAGE plpgsql AS $f$
     BEGIN
         IF cardinality(p_done) > 0 THEN
             UPDATE inbox SET done = true, done_at = now(), effects = NULL WHERE seq = ANY(p_done);
         END IF;
+        COMMIT;
         PERFORM pg_advisory_unlock(hashtextextended(p_wid, 0));
     END
     $f$;
@@ -236,6 +240,14 @@ def _run_from_json(data: dict[str, Any]) -> Run:
     )
 
 
+class _WorkflowLock:
+    """The in-process lock of one workflow and how many sessions hold or wait for it."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class Ledger:
     """The pool, migrations, per-workflow locks and timer claims."""
 
@@ -243,7 +255,7 @@ class Ledger:
         self.dsn = dsn
         self.max_size = max_size
         self.pool: asyncpg.Pool | None = None
-        self._local_locks: dict[str, asyncio.Lock] = {}
+        self._local_locks: dict[str, _WorkflowLock] = {}
 
     async def start(self) -> None:
         self.pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=self.max_size, init=_init_conn,
@@ -270,17 +282,24 @@ class Ledger:
         """Hold the workflow's lock: in-process first (no pooled connection waits on it), then the
         Postgres advisory lock that excludes other replicas. Entering loads the state; leaving
         marks completed effects done and unlocks, each in one round trip."""
-        local = self._local_locks.setdefault(workflow_id, asyncio.Lock())
+        local = self._local_locks.get(workflow_id)
+        if local is None:
+            local = self._local_locks[workflow_id] = _WorkflowLock()
+        local.users += 1
         try:
-            async with local, self._pool().acquire() as conn:
+            async with local.lock, self._pool().acquire() as conn:
                 state = await conn.fetchval("SELECT wo_enter($1, $2)", workflow_id, message_key)
                 session = Session(conn, workflow_id, message_key, state)
                 try:
                     yield session
                 finally:
-                    await conn.execute("SELECT wo_leave($1, $2::bigint[])", workflow_id, session.done)
+                    # CALL: outside a transaction block, so wo_exit can commit before it unlocks.
+                    await conn.execute("CALL wo_exit($1, $2::bigint[])", workflow_id, session.done)
         finally:
-            if not local.locked() and self._local_locks.get(workflow_id) is local:
+            # Counted, not `locked()`: a released lock whose waiter has not run yet looks free, and
+            # dropping it then let a third delivery take a new lock and a pooled connection early.
+            local.users -= 1
+            if local.users == 0:
                 self._local_locks.pop(workflow_id, None)
 
     # ---- timers --------------------------------------------------------------------------
