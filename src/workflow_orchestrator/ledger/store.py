@@ -119,6 +119,19 @@ MIGRATIONS: list[str] = [
     END
     $f$;
     """,
+    # 3: databases migrated by a first cut of migration 2 lack wo_exit (it had an unlock-before-
+    # commit wo_leave instead). OR REPLACE: a no-op where migration 2 already created it.
+    """
+    CREATE OR REPLACE PROCEDURE wo_exit(p_wid text, p_done bigint[]) LANGUAGE plpgsql AS $f$
+    BEGIN
+        IF cardinality(p_done) > 0 THEN
+            UPDATE inbox SET done = true, done_at = now(), effects = NULL WHERE seq = ANY(p_done);
+        END IF;
+        COMMIT;
+        PERFORM pg_advisory_unlock(hashtextextended(p_wid, 0));
+    END
+    $f$;
+    """,
 ]
 
 
@@ -128,6 +141,12 @@ def _dumps(value: Any) -> str:
 
 async def _init_conn(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=_dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release without asyncpg's reset query, a round trip per step (asyncpg still rolls back an open
+    transaction): the ledger sets no session state, and `Ledger.session` releases its advisory lock
+    or closes the connection."""
 
 
 async def migrate(conn: Conn, migrations: list[str], lock_key: int, table: str) -> int:
@@ -259,7 +278,7 @@ class Ledger:
 
     async def start(self) -> None:
         self.pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=self.max_size, init=_init_conn,
-                                              command_timeout=30)
+                                              reset=_keep_session, command_timeout=30)
         async with self.pool.acquire() as conn:
             await migrate(conn, MIGRATIONS, _MIGRATION_LOCK, "ledger_schema_version")
 
@@ -290,11 +309,19 @@ class Ledger:
             async with local.lock, self._pool().acquire() as conn:
                 state = await conn.fetchval("SELECT wo_enter($1, $2)", workflow_id, message_key)
                 session = Session(conn, workflow_id, message_key, state)
+                left = False
                 try:
                     yield session
                 finally:
-                    # CALL: outside a transaction block, so wo_exit can commit before it unlocks.
-                    await conn.execute("CALL wo_exit($1, $2::bigint[])", workflow_id, session.done)
+                    try:
+                        # CALL: outside a transaction block, so wo_exit can commit before it unlocks.
+                        await conn.execute("CALL wo_exit($1, $2::bigint[])", workflow_id, session.done)
+                        left = True
+                    finally:
+                        if not left:
+                            # The pool does not reset sessions (_keep_session): a connection that may
+                            # still hold the workflow's lock is closed, never handed to another one.
+                            conn.terminate()
         finally:
             # Counted, not `locked()`: a released lock whose waiter has not run yet looks free, and
             # dropping it then let a third delivery take a new lock and a pooled connection early.
