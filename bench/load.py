@@ -63,6 +63,9 @@ class Phase:
     start_dispatch: list[float] = field(default_factory=list)
     callback_dispatch: list[float] = field(default_factory=list)
     callback_finish: list[float] = field(default_factory=list)
+    samples: list[tuple[float, str, float]] = field(default_factory=list)  # (at, kind, seconds) for a timeline
+    requested: set[tuple[str, Stage]] = field(default_factory=set)
+    duplicate_dispatches: int = 0  # a milestone request for a workflow and stage seen before
     messages_in: int = 0  # messages this process received for the phase (requests, notifications)
     first_start: float = 0.0
     last_finish: float = 0.0
@@ -71,11 +74,17 @@ class Phase:
 
     def request_arrived(self, wid: str, stage: Stage, now: float) -> None:
         self.messages_in += 1
+        if (wid, stage) in self.requested:
+            self.duplicate_dispatches += 1
+            return
+        self.requested.add((wid, stage))
         if stage == "build":
             if wid in self.started_at:
                 self.start_dispatch.append(now - self.started_at[wid])
+                self.samples.append((now - self.first_start, "start_dispatch", self.start_dispatch[-1]))
         elif (wid, "build") in self.callback_at:
             self.callback_dispatch.append(now - self.callback_at[(wid, "build")])
+            self.samples.append((now - self.first_start, "callback_dispatch", self.callback_dispatch[-1]))
 
     def workflow_finished(self, wid: str, ok: bool, now: float, why: str = "") -> None:
         if wid in self.finished:
@@ -85,6 +94,7 @@ class Phase:
             self.failed.append(f"{wid}: {why}")
         if (wid, "deploy") in self.callback_at:
             self.callback_finish.append(now - self.callback_at[(wid, "deploy")])
+            self.samples.append((now - self.first_start, "callback_finish", self.callback_finish[-1]))
         self.last_finish = now
         self.on_finished()
         if len(self.finished) == len(self.workflow_ids):

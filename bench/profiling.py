@@ -49,9 +49,23 @@ class Spy:
         return self.out
 
 
+# Where a step's time goes: each stack counts for the first layer one of whose patterns it holds.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("Manager HTTP calls (GET + PUT)", ("ManagerClient.request", "AsyncClient.get (", "AsyncClient.put (")),
+    ("ledger (asyncpg)", ("Ledger.session", "Session.", "asyncpg/")),
+    ("publishing with confirms", ("Publisher.publish", "Exchange.publish")),
+    ("decide (the pure core)", ("decide (workflow_orchestrator",)),
+    ("parsing the delivery", ("parse_body", "loads (json")),
+    ("metrics and logs", ("prometheus_client/", "structlog/", "Engine._observe")),
+    ("ack", ("IncomingMessage.ack",)),
+]
+OTHER_LAYER = "event loop, socket reads, AMQP frames, the rest"
+
+
 @dataclass(frozen=True)
 class Profile:
     samples: int
+    by_layer: list[tuple[str, int]]
     self_by_package: list[tuple[str, int]]
     self_by_function: list[tuple[str, int]]
     inclusive_by_function: list[tuple[str, int]]  # the service's own functions (the hot path)
@@ -79,6 +93,7 @@ def read_profile(folded: Path, top: int = 25) -> Profile:
     self_pkg: Counter[str] = Counter()
     own: Counter[str] = Counter()
     calls: Counter[str] = Counter()
+    layers: Counter[str] = Counter()
     total = 0
     for line in folded.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -87,6 +102,7 @@ def read_profile(folded: Path, top: int = 25) -> Profile:
         count = int(count_text)
         frames = stack.split(";")
         total += count
+        layers[next((name for name, pats in LAYERS if any(p in stack for p in pats)), OTHER_LAYER)] += count
         self_fn[frames[-1]] += count
         self_pkg[_package(frames[-1])] += count
         for frame in set(frames):
@@ -97,7 +113,8 @@ def read_profile(folded: Path, top: int = 25) -> Profile:
             calls[f"{frames[below[-1]].split(' ')[0]} -> {frames[below[-1] + 1]}"] += count
     # Frames on (nearly) every sample, such as the CLI's main, say nothing.
     hot = [(k, n) for k, n in own.most_common() if n < 0.99 * total][:top]
-    return Profile(total, self_pkg.most_common(top), self_fn.most_common(top), hot, calls.most_common(top))
+    return Profile(total, layers.most_common(), self_pkg.most_common(top), self_fn.most_common(top), hot,
+                   calls.most_common(top))
 
 
 def format_profile(name: str, p: Profile) -> str:
@@ -105,7 +122,9 @@ def format_profile(name: str, p: Profile) -> str:
     def pct(n: int) -> str:
         return f"{100 * n / max(p.samples, 1):5.1f}%"
 
-    out = [f"{name}: {p.samples} on-CPU samples", "", "self time by package:"]
+    out = [f"{name}: {p.samples} on-CPU samples", "", "by layer:"]
+    out += [f"  {pct(n)}  {k}" for k, n in p.by_layer]
+    out += ["", "self time by package:"]
     out += [f"  {pct(n)}  {k}" for k, n in p.self_by_package]
     out += ["", "self time by function:"]
     out += [f"  {pct(n)}  {k}" for k, n in p.self_by_function]

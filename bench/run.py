@@ -32,6 +32,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from services import (
+    POSTGRES,
+    RABBITMQ,
     BenchError,
     Process,
     Services,
@@ -42,7 +44,7 @@ from services import (
     peak_rss_mib,
     queue_depths,
     running_services,
-    shared_services_cpu,
+    services_cpu,
     wait_for,
     wait_idle,
 )
@@ -77,15 +79,18 @@ class PhaseResult:
     manager_cpu_s: float  # the sandbox Manager's process
     load_cpu_s: float  # this process
     machine_busy_s: float
-    shared_cpu_s: float  # RabbitMQ and Postgres (all of their processes)
+    rabbitmq_cpu_s: float  # all of its processes (other users' work on it included)
+    postgres_cpu_s: float  # all of its processes (other users' work on it included)
     foreign_cpu_s: float  # the rest of the machine's busy time: other work, kernel
     busy_before: float  # cores busy with other work just before the phase
     requests: dict[str, int]  # Manager requests by route during the phase
     messages_in: int
+    duplicate_dispatches: int
     start_dispatch_ms: list[float]
     callback_dispatch_ms: list[float]
     callback_finish_ms: list[float]
     offered_wf_per_s: float | None
+    samples: list[tuple[float, str, float]]  # (seconds into the phase, latency kind, ms)
 
     @property
     def steps(self) -> int:
@@ -109,10 +114,13 @@ class PhaseResult:
                                ("callback_finish_ms", self.callback_finish_ms))}
         return {"workflows": self.workflows, "seconds": round(self.seconds, 3), "cpu_s": round(self.cpu_s, 3),
                 "manager_cpu_s": round(self.manager_cpu_s, 3), "load_cpu_s": round(self.load_cpu_s, 3),
-                "machine_busy_s": round(self.machine_busy_s, 3), "shared_cpu_s": round(self.shared_cpu_s, 3),
+                "machine_busy_s": round(self.machine_busy_s, 3), "rabbitmq_cpu_s": round(self.rabbitmq_cpu_s, 3),
+                "postgres_cpu_s": round(self.postgres_cpu_s, 3),
                 "foreign_cpu_s": round(self.foreign_cpu_s, 3), "busy_before": round(self.busy_before, 3),
                 "requests": self.requests,
-                "messages_in": self.messages_in, "offered_wf_per_s": self.offered_wf_per_s, "latency": lat}
+                "messages_in": self.messages_in, "duplicate_dispatches": self.duplicate_dispatches,
+                "offered_wf_per_s": self.offered_wf_per_s, "latency": lat,
+                "samples": [(round(t, 4), kind, round(ms, 2)) for t, kind, ms in self.samples]}
 
 
 def metrics(peak: PhaseResult, paced: PhaseResult, rss_mib: float) -> dict[str, float]:
@@ -125,7 +133,9 @@ def metrics(peak: PhaseResult, paced: PhaseResult, rss_mib: float) -> dict[str, 
         "manager_cpu_ms_per_step": peak.per_step_ms(peak.manager_cpu_s),
         "load_cpu_ms_per_step": peak.per_step_ms(peak.load_cpu_s),
         "machine_busy_cores": peak.machine_busy_s / peak.seconds,
-        "shared_cpu_ms_per_step": peak.per_step_ms(peak.shared_cpu_s),
+        "rabbitmq_cpu_ms_per_step": peak.per_step_ms(peak.rabbitmq_cpu_s),
+        "postgres_cpu_ms_per_step": peak.per_step_ms(peak.postgres_cpu_s),
+        "machine_cpu_ms_per_step": peak.per_step_ms(peak.machine_busy_s),
         "foreign_cores": max(peak.foreign_cpu_s / peak.seconds, paced.foreign_cpu_s / paced.seconds),
         "peak_rss_mib": rss_mib,
         "manager_get_per_step": peak.calls("GET") / peak.steps,
@@ -134,6 +144,7 @@ def metrics(peak: PhaseResult, paced: PhaseResult, rss_mib: float) -> dict[str, 
         "manager_calls_per_step_paced": (paced.calls("GET") + paced.calls("PUT")) / paced.steps,
         "manager_other_calls": float(sum(peak.other_calls.values()) + sum(paced.other_calls.values())),
         "messages_per_step": peak.messages_in / peak.steps,
+        "duplicate_dispatches": float(peak.duplicate_dispatches + paced.duplicate_dispatches),
         "paced_offered_wf_per_s": paced.offered_wf_per_s or 0.0,
         "paced_achieved_wf_per_s": paced.workflows / paced.seconds,
     }
@@ -172,11 +183,31 @@ def start_message(record: dict[str, Any], system: System, svc: Services) -> dict
 
 
 async def quiet(conn: AbstractRobustConnection, svc: Services) -> None:
-    """Wait until no queue of the run holds a message (the previous phase's tail has drained)."""
+    """Wait until no queue of the run holds a message (the previous phase's tail has drained);
+    error queues are `verify`'s business."""
     async def empty() -> bool:
-        return all(ready == 0 for ready, _ in (await queue_depths(conn, svc.names)).values())
+        depths = await queue_depths(conn, svc.names)
+        return all(ready == 0 for q, (ready, _) in depths.items() if not q.endswith("_error"))
 
     await wait_for(empty, "all queues drained", 60, svc.processes)
+
+
+Snapshot = tuple[dict[str, float], dict[int, float], dict[int, float]]
+
+
+def snapshot(pids: dict[str, int]) -> Snapshot:
+    """CPU seconds so far: of our processes (and the machine's busy time), of RabbitMQ's, of Postgres's."""
+    ours = {k: cpu_seconds(p) for k, p in pids.items()}
+    ours["machine"] = machine_busy_seconds()[0]
+    return ours, services_cpu(RABBITMQ), services_cpu(POSTGRES)
+
+
+def used(before: Snapshot, after: Snapshot) -> dict[str, float]:
+    """CPU seconds between two snapshots, by process name, plus `rabbitmq`, `postgres`, `machine`."""
+    out = {k: after[0][k] - before[0][k] for k in after[0]}
+    out["rabbitmq"] = cpu_delta(before[1], after[1])
+    out["postgres"] = cpu_delta(before[2], after[2])
+    return out
 
 
 class Runner:
@@ -211,26 +242,28 @@ class Runner:
         await m.request("POST", "/sandbox/stats/reset", "/sandbox/stats/reset")
         pids = {"system": self.process(system).pid, "manager": svc.sandbox.pid, "load": os.getpid(),
                 **{p.name: p.pid for p in svc.processes}}
-        cpu0, shared0, (busy0, _) = {k: cpu_seconds(p) for k, p in pids.items()}, shared_services_cpu(), \
-            machine_busy_seconds()
+        before = snapshot(pids)
         await self.load.drive(phase, bodies, rate, self.args.phase_timeout)
-        cpu1, shared1, (busy1, _) = {k: cpu_seconds(p) for k, p in pids.items()}, shared_services_cpu(), \
-            machine_busy_seconds()
-        cpu = {k: cpu1[k] - cpu0[k] for k in pids}
-        shared = cpu_delta(shared0, shared1)
+        cpu = used(before, snapshot(pids))
         ours = sum(cpu[p.name] for p in svc.processes) + cpu["load"]
         requests: dict[str, int] = (await m.request("GET", "/sandbox/stats", "/sandbox/stats")).json()["requests"]
         if phase.failed or phase.errors:
             raise BenchError(f"{system.name} {label}: {len(phase.failed)} workflows failed, errors: "
                              f"{(phase.failed + phase.errors)[:3]}")
+        if phase.duplicate_dispatches:
+            console.print(f"[yellow]{system.name} {label}: {phase.duplicate_dispatches} milestone requests were "
+                          "dispatched twice[/yellow]")
         return PhaseResult(
             system=system.name, label=label, workflows=len(records), seconds=phase.seconds, cpu_s=cpu["system"],
-            manager_cpu_s=cpu["manager"], load_cpu_s=cpu["load"], machine_busy_s=busy1 - busy0,
-            shared_cpu_s=shared, foreign_cpu_s=max(0.0, busy1 - busy0 - ours - shared), busy_before=busy_before,
+            manager_cpu_s=cpu["manager"], load_cpu_s=cpu["load"], machine_busy_s=cpu["machine"],
+            rabbitmq_cpu_s=cpu["rabbitmq"], postgres_cpu_s=cpu["postgres"], busy_before=busy_before,
+            foreign_cpu_s=max(0.0, cpu["machine"] - ours - cpu["rabbitmq"] - cpu["postgres"]),
             requests=requests,
-            messages_in=phase.messages_in, start_dispatch_ms=[1000 * x for x in phase.start_dispatch],
+            messages_in=phase.messages_in, duplicate_dispatches=phase.duplicate_dispatches,
+            start_dispatch_ms=[1000 * x for x in phase.start_dispatch],
             callback_dispatch_ms=[1000 * x for x in phase.callback_dispatch],
-            callback_finish_ms=[1000 * x for x in phase.callback_finish], offered_wf_per_s=rate)
+            callback_finish_ms=[1000 * x for x in phase.callback_finish], offered_wf_per_s=rate,
+            samples=[(t, kind, 1000 * x) for t, kind, x in phase.samples])
 
 
 async def verify(svc: Services, conn: AbstractRobustConnection, expected: dict[str, str]) -> None:
@@ -253,7 +286,7 @@ async def one_run(index: int, args: argparse.Namespace, conn: AbstractRobustConn
     n = args.workflows
     async with running_services(conn, amqp_url=args.amqp_url, database_url=args.database_url,
                                 prefetch=args.prefetch, workdir=workdir, sandbox_pool=args.sandbox_pool,
-                                orchestrator_src=args.orchestrator_src) as svc:
+                                orchestrator_src=args.orchestrator_src, log_level=args.log_level) as svc:
         load = Load(conn, svc.names)
         await load.start()
         try:
@@ -297,7 +330,10 @@ async def one_run(index: int, args: argparse.Namespace, conn: AbstractRobustConn
             raise
         finally:
             await load.close()
-    shutil.rmtree(workdir, ignore_errors=True)
+    if args.keep_logs:
+        console.print(f"logs of run {index + 1}: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     return out
 
 
@@ -313,16 +349,21 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("cpu_ms_per_step", "CPU ms/step, service process (peak)", "{:.2f}", "ratio ≤ 2"),
     ("cpu_ms_per_step_paced", "CPU ms/step, service process (@50%)", "{:.2f}", ""),
     ("manager_cpu_ms_per_step", "CPU ms/step, sandbox Manager (peak)", "{:.2f}", ""),
-    ("shared_cpu_ms_per_step", "CPU ms/step, RabbitMQ + Postgres (peak)", "{:.2f}", ""),
+    ("rabbitmq_cpu_ms_per_step", "CPU ms/step, RabbitMQ (peak)", "{:.2f}", ""),
+    ("postgres_cpu_ms_per_step", "CPU ms/step, Postgres (peak)", "{:.2f}", ""),
+    ("load_cpu_ms_per_step", "CPU ms/step, load generator and workers (peak)", "{:.2f}", ""),
+    ("machine_cpu_ms_per_step", "CPU ms/step, whole machine (peak)", "{:.2f}", ""),
     ("peak_rss_mib", "peak RSS, MiB", "{:.0f}", ""),
     ("manager_calls_per_step", "Manager GET+PUT /workflows/{id} per step", "{:.3f}", "= 2"),
+    ("manager_calls_per_step_paced", "Manager GET+PUT /workflows/{id} per step (@50%)", "{:.3f}", "= 2"),
     ("manager_other_calls", "other Manager calls (both phases)", "{:.0f}", "≈ 0"),
+    ("duplicate_dispatches", "milestone requests dispatched twice (both phases)", "{:.0f}", "= 0"),
     ("messages_per_step", "messages out per step", "{:.2f}", ""),
     ("machine_busy_cores", "machine CPU busy (of 2 cores, peak)", "{:.2f}", ""),
     ("foreign_cores", "other work on the machine, cores (max)", "{:.2f}", "≈ 0"),
 ]
 RATIO_KEYS = ("steps_per_s", "workflows_per_s", "cpu_ms_per_step", "cpu_ms_per_step_paced", "peak_rss_mib",
-              "callback_dispatch_p99_ms")
+              "callback_dispatch_p99_ms", "machine_cpu_ms_per_step")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -335,6 +376,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     o = med["orchestrator"]
     verdicts = {
         "manager_calls_per_step": abs(o["manager_calls_per_step"] - 2) < 1e-9,
+        "manager_calls_per_step_paced": abs(o["manager_calls_per_step_paced"] - 2) < 1e-9,
+        "duplicate_dispatches": o["duplicate_dispatches"] == 0,
         "steps_per_s": ratios["steps_per_s"] >= 0.7,
         "cpu_ms_per_step": ratios["cpu_ms_per_step"] <= 2,
         "callback_dispatch_p99_ms": o["callback_dispatch_p99_ms"] < 50,
@@ -437,12 +480,17 @@ def main() -> int:
                    help="before each phase, wait until other work uses fewer cores than this")
     p.add_argument("--idle-wait", type=float, default=300.0, help="seconds to wait for that at most")
     p.add_argument("--sandbox-pool", type=int, default=10, help="SANDBOX_POOL_SIZE of the sandbox Manager")
+    p.add_argument("--keep-logs", action="store_true", help="keep each run's folder (process logs, seed)")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                   help="LOG_LEVEL of the orchestrator (info logs every message: slower)")
     p.add_argument("--orchestrator-src", type=Path, metavar="DIR",
                    help="run the orchestrator from this source folder (e.g. a patched copy of src/) instead of "
                         "the installed package")
-    p.add_argument("--amqp-url", default=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    p.add_argument("--amqp-url", default=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+                   help="RabbitMQ (env BENCH_AMQP_URL)")
     p.add_argument("--database-url",
-                   default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+                   default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+                   help="Postgres admin URL: a database per run is created and dropped (env BENCH_DATABASE_URL)")
     args = p.parse_args()
     if args.orchestrator_src is not None:
         args.orchestrator_src = args.orchestrator_src.resolve()

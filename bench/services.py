@@ -141,11 +141,12 @@ def machine_busy_seconds() -> tuple[float, float]:
     return (total - idle) / CLK_TCK, total / CLK_TCK
 
 
-SHARED_SERVICES = frozenset({"beam.smp", "postgres", "epmd", "erl_child_setup", "inet_gethost"})
+RABBITMQ = frozenset({"beam.smp", "epmd", "erl_child_setup", "inet_gethost"})
+POSTGRES = frozenset({"postgres"})
 
 
-def shared_services_cpu() -> dict[int, float]:
-    """CPU seconds so far of RabbitMQ's and Postgres's processes, by pid."""
+def services_cpu(commands: frozenset[str]) -> dict[int, float]:
+    """CPU seconds so far of the processes with these command names (RabbitMQ's, Postgres's), by pid."""
     out: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -155,7 +156,7 @@ def shared_services_cpu() -> dict[int, float]:
         except OSError:  # gone meanwhile
             continue
         comm = stat[stat.find("(") + 1:stat.rfind(")")]
-        if comm in SHARED_SERVICES:
+        if comm in commands:
             fields = stat[stat.rfind(")") + 2:].split()
             out[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
     return out
@@ -338,7 +339,7 @@ def _db_url(admin_url: str, db: str) -> str:
 @asynccontextmanager
 async def running_services(conn: AbstractRobustConnection, *, amqp_url: str, database_url: str, prefetch: int,
                            workdir: Path, sandbox_pool: int, orchestrator_src: Path | None = None,
-                           ) -> AsyncIterator[Services]:
+                           log_level: str = "warning") -> AsyncIterator[Services]:
     """Fresh names, database, schema and topology; the three processes started and consuming.
     Everything is stopped and dropped on the way out. `orchestrator_src`: run the orchestrator from
     that source tree (its `src` folder) instead of the installed one, to measure a candidate patch."""
@@ -366,7 +367,7 @@ async def running_services(conn: AbstractRobustConnection, *, amqp_url: str, dat
     orchestrator = Process("orchestrator", argv, {
         **env_orch, "EXCHANGE_ID": "1", "BROKER_ID": "1", "MANAGER_URL": url, "OAUTH_LOGIN_URL": f"{url}/oauth/token",
         "OAUTH_CLIENT_ID": n.client_id, "OAUTH_CLIENT_SECRET": n.client_secret,
-        "DATABASE_URL": _db_url(database_url, n.ledger_db), "APP_ENV": "production", "LOG_LEVEL": "warning",
+        "DATABASE_URL": _db_url(database_url, n.ledger_db), "APP_ENV": "production", "LOG_LEVEL": log_level,
         "HTTP_PORT": "0", "PREFETCH": str(prefetch), "HOSTNAME": n.orchestrator_host}, workdir)
     relay = Process("relay", [sys.executable, str(BENCH_DIR / "relay.py")], {
         **env, "RELAY_AMQP_URL": amqp_url, "RELAY_MANAGER_URL": url, "RELAY_TOKEN_URL": f"{url}/oauth/token",
