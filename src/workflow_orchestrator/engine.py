@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -85,6 +85,36 @@ def parse_body(raw: bytes, max_bytes: int) -> tuple[dict[str, Any], IncomingMess
 
 def message_key(raw: bytes, message_id: str | None) -> str:
     return f"msg:{message_id}" if message_id else "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+class _Facts(Mapping[tuple[str, str], Any]):
+    """decide()'s lookups: those fetched for this message, then the Manager client's fresh caches,
+    so at steady state decide runs once per message instead of once per missing fact."""
+
+    def __init__(self, manager: ManagerClient) -> None:
+        self.manager = manager
+        self.local: dict[tuple[str, str], Any] = {}
+
+    def __contains__(self, key: object) -> bool:
+        if key in self.local:
+            return True
+        if not isinstance(key, tuple) or len(key) != 2:
+            return False
+        hit, value = self.manager.cached_fact(key[0], key[1])
+        if hit:
+            self.local[key] = value  # pinned: the cache entry may expire before it is read
+        return hit
+
+    def __getitem__(self, key: tuple[str, str]) -> Any:
+        if key in self:
+            return self.local[key]
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self.local)
+
+    def __len__(self) -> int:
+        return len(self.local)
 
 
 class Engine:
@@ -240,12 +270,12 @@ class Engine:
 
     async def _decide(self, trigger: Trigger, record: dict[str, Any], run: Run | None, key: str) -> Decision:
         now = self.clock()
-        facts: dict[tuple[str, str], Any] = {}
+        facts = _Facts(self.manager)
         for _ in range(16):
             result = decide(trigger=trigger, record=record, run=run, facts=facts, now=now,
                             config=self.config, key=key)
             if isinstance(result, NeedFact):
-                facts[(result.kind, result.key)] = await self._fetch(result)
+                facts.local[(result.kind, result.key)] = await self._fetch(result)
                 continue
             return result
         raise RuntimeError("decide asked for too many facts")

@@ -256,6 +256,18 @@ class ManagerClient:
         cache.put(key, value)
         return value
 
+    def cached_fact(self, kind: str, key: str) -> tuple[bool, Any]:
+        """A lookup decide() needs, if it is in the caches and fresh (no I/O)."""
+        if kind == "build_clusters":
+            return self._clusters.get(("xc", key))
+        if kind == "global_build_clusters":
+            return self._clusters.get(("c",))
+        if kind == "modules":
+            return self._modules.get(key)
+        if kind == "cluster":
+            return self._clusters.get(("t", key))
+        return False, None
+
     async def get_exchange(self, xid: str) -> dict[str, Any]:
         return dict(await self._cached(self._exchanges, ("x", xid), f"/messaging/exchanges/{xid}",
                                        "/messaging/exchanges/{id}"))
