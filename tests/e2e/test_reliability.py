@@ -125,23 +125,31 @@ async def test_three_replicas_one_killed_mid_run() -> None:
         await workers.stop()
 
 
-async def test_manager_errors_for_a_while_then_recovery_loses_nothing() -> None:
+async def test_manager_errors_and_timeouts_for_a_while_then_recovery_loses_nothing() -> None:
     async with running_stack(start=False) as s, FaultyProxy(s.sandbox.url) as proxy:
         workers = EchoWorkers(s)
         await workers.start()
-        orch = OrchestratorProcess(s, "faulty", MANAGER_URL=proxy.url, OAUTH_LOGIN_URL=f"{proxy.url}/oauth/token")
+        orch = OrchestratorProcess(s, "faulty", MANAGER_URL=proxy.url, OAUTH_LOGIN_URL=f"{proxy.url}/oauth/token",
+                                   MANAGER_TIMEOUT="1s")
         orch.start()
         wids = await start_many(s, 20)
         await asyncio.sleep(0.3)
         proxy.fail_workflow_calls = True  # 500 on every /workflows call
-        await asyncio.sleep(6)
+        await asyncio.sleep(4)
         proxy.fail_workflow_calls = False
+        proxy.stall_workflow_calls = 3.0  # then every call times out
+        await asyncio.sleep(4)
+        proxy.stall_workflow_calls = 0.0
         await wait_all_finished(s, wids, 90, [orch])
         await assert_exactly_once_and_complete(s, wids, workers)
         assert proxy.failed > 0, "the fault was really injected"
         assert await error_queue(s) == [], "nothing dead-lettered early"
         assert await orch.terminate() == 0
         await workers.stop()
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
 
 
 def close_connections_of(hostname: str) -> int:
@@ -165,6 +173,30 @@ async def test_broker_connection_loss_consumer_resumes() -> None:
         await wait_all_finished(s, before, 30, [orch])
         assert close_connections_of(orch.env["HOSTNAME"]) >= 2, "consumer and publisher connections were cut"
         await s.wait_consuming(timeout=30)
+        after = await start_many(s, 5)
+        await wait_all_finished(s, after, 60, [orch])
+        assert orch.alive()
+        assert await orch.terminate() == 0
+        await workers.stop()
+
+
+@pytest.mark.slow
+async def test_broker_restart_consumer_resumes() -> None:
+    async with running_stack(start=False) as s:
+        workers = EchoWorkers(s)
+        await workers.start()
+        orch = OrchestratorProcess(s, "restart")
+        orch.start()
+        before = await start_many(s, 5)
+        await wait_all_finished(s, before, 30, [orch])
+        await workers.stop()
+        try:
+            await asyncio.to_thread(rabbitmqctl, "stop_app")
+        finally:
+            await asyncio.to_thread(rabbitmqctl, "start_app")
+        await s.wait_consuming(timeout=60)
+        workers = EchoWorkers(s)
+        await workers.start()
         after = await start_many(s, 5)
         await wait_all_finished(s, after, 60, [orch])
         assert orch.alive()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -13,6 +14,7 @@ class FaultyProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.fail_workflow_calls = False
+        self.stall_workflow_calls = 0.0  # seconds to hold each /workflows call before answering
         self.failed = 0
         self.url = ""
         self.port = 0
@@ -48,6 +50,10 @@ class FaultyProxy:
             await self._session.close()
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
+        if self.stall_workflow_calls and request.path.startswith("/workflows"):
+            self.failed += 1
+            await asyncio.sleep(self.stall_workflow_calls)  # the client times out first
+            return web.json_response({"error": "injected stall"}, status=504)  # never reaches the Manager
         if self.fail_workflow_calls and request.path.startswith("/workflows"):
             self.failed += 1
             return web.json_response({"error": "injected fault"}, status=500)
