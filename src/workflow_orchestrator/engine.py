@@ -288,6 +288,8 @@ class Engine:
             return await m.get_build_clusters()
         if need.kind == "modules":
             return await m.get_modules(need.key)
+        if need.kind == "fresh_modules":
+            return await m.get_modules(need.key, fresh=True)
         return await m.get_cluster(need.key)
 
     async def _apply(self, s: Session, wid: str, row: InboxRow) -> None:

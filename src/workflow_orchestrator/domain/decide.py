@@ -261,7 +261,11 @@ class _Step:
                        "deploy_ecs, scheduled")
 
     def _has_module(self, exchange_id: str, kind: str) -> bool:
-        return any(m.get("type") == kind for m in self._fact("modules", exchange_id) or [])
+        """A module of `kind` in the exchange. The module list may be cached (30 s); before failing
+        a workflow for want of a worker, ask once for a fresh list (one that just registered)."""
+        if any(m.get("type") == kind for m in self._fact("modules", exchange_id) or []):
+            return True
+        return any(m.get("type") == kind for m in self._fact("fresh_modules", exchange_id) or [])
 
     def _build(self, step: str) -> None:
         clusters = self._fact("build_clusters", self.config.exchange_id) or self._fact("global_build_clusters", "")

@@ -145,7 +145,7 @@ class Config:
 class NeedFact:
     """decide() needs a lookup it was not given; the shell fetches it and calls again."""
 
-    kind: Literal["build_clusters", "global_build_clusters", "modules", "cluster"]
+    kind: Literal["build_clusters", "global_build_clusters", "modules", "fresh_modules", "cluster"]
     key: str
 
 

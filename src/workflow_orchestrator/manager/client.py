@@ -298,7 +298,10 @@ class ManagerClient:
                                    "/clusters/{etcd_token}", missing=None)
         return None if value is None else dict(value)
 
-    async def get_modules(self, xid: str) -> list[dict[str, Any]]:
+    async def get_modules(self, xid: str, *, fresh: bool = False) -> list[dict[str, Any]]:
+        """Modules registered in an exchange (cached 30 s; `fresh` bypasses and refills the cache)."""
+        if fresh:
+            self._modules.data.pop(xid, None)
         return list(await self._cached(self._modules, xid, f"/messaging/exchanges/{xid}/modules",
                                        "/messaging/exchanges/{id}/modules", missing=[]))
 
