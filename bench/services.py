@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import asyncpg
@@ -26,6 +25,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from workflow_orchestrator.manager.client import ManagerClient
 from workflow_orchestrator.messaging.topology import error_queue_name, queue_arguments
+from workflow_orchestrator.sandbox.seed import connection_seed, dump_seed
 
 BENCH_DIR = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -72,49 +72,19 @@ class Names:
 
 def seed_toml(n: Names, amqp_url: str) -> str:
     """One exchange, one broker, a build and a deploy cluster, a builder and a deployer module."""
-    u = urlsplit(amqp_url)
-    vhost = unquote(u.path[1:]) if len(u.path) > 1 else "/"
-    return f"""
-orchestrator_exchange_id = 1
-orchestrator_broker_id = 1
-orchestration_queue_name = "{ORCHESTRATION}"
-[[clients]]
-client_id = "{n.client_id}"
-client_secret = "{n.client_secret}"
-[[exchanges]]
-id = 1
-name = "east"
-routing_key = "{n.routing_key}"
-root_exchange_name = "{n.root}"
-[[brokers]]
-id = 1
-name = "local"
-[[connections]]
-id = 1
-broker_id = 1
-username = "{unquote(u.username or 'guest')}"
-password = "{unquote(u.password or 'guest')}"
-host = "{u.hostname or '127.0.0.1'}"
-port = {u.port or 5672}
-virtual_host = "{vhost}"
-[[clusters]]
-id = 1
-etcd_token = "{n.build_token}"
-messaging_exchange_id = 1
-allow_docker_builds = true
-[[clusters]]
-id = 2
-etcd_token = "{n.deploy_token}"
-messaging_exchange_id = 1
-[[modules]]
-messaging_exchange_id = 1
-hostname = "bench-builder-{n.r}"
-type = "builder"
-[[modules]]
-messaging_exchange_id = 1
-hostname = "bench-deployer-{n.r}"
-type = "deployer"
-"""
+    return dump_seed({
+        "orchestrator_exchange_id": 1, "orchestrator_broker_id": 1, "orchestration_queue_name": ORCHESTRATION,
+        "clients": [{"client_id": n.client_id, "client_secret": n.client_secret}],
+        "exchanges": [{"id": 1, "name": "east", "routing_key": n.routing_key, "root_exchange_name": n.root}],
+        "brokers": [{"id": 1, "name": "local"}],
+        "connections": [connection_seed(amqp_url)],
+        "clusters": [
+            {"id": 1, "etcd_token": n.build_token, "messaging_exchange_id": 1, "allow_docker_builds": True},
+            {"id": 2, "etcd_token": n.deploy_token, "messaging_exchange_id": 1},
+        ],
+        "modules": [{"messaging_exchange_id": 1, "hostname": f"bench-{kind}-{n.r}", "type": kind}
+                    for kind in ("builder", "deployer")],
+    })
 
 
 # ---- /proc -------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from rich.table import Table
 from workflow_orchestrator.client import OrchestrationClient, OrchestrationRequest, StepFailed, Worker
 from workflow_orchestrator.manager.client import ManagerClient
 from workflow_orchestrator.messaging.broker import BrokerPool
+from workflow_orchestrator.sandbox.seed import connection_seed, dump_seed
 
 CLIENT_ID, CLIENT_SECRET = "demo-client", "demo-secret"
 
@@ -66,40 +67,19 @@ def cases(successes: int, speed: float) -> list[Case]:
 
 
 def seed(r: str, amqp_url: str) -> str:
-    u = httpx.URL(amqp_url)
-    vhost = u.path[1:] or "/"
-    return f"""
-orchestrator_exchange_id = 1
-orchestrator_broker_id = 1
-[[clients]]
-client_id = "{CLIENT_ID}"
-client_secret = "{CLIENT_SECRET}"
-[[exchanges]]
-id = 1
-name = "demo-east"
-routing_key = "demo.{r}.east"
-root_exchange_name = "openaperture.demo.{r}"
-[[brokers]]
-id = 1
-name = "local"
-[[connections]]
-id = 1
-broker_id = 1
-username = "{u.username or 'guest'}"
-password = "{u.password or 'guest'}"
-host = "{u.host or '127.0.0.1'}"
-port = {u.port or 5672}
-virtual_host = "{vhost}"
-[[clusters]]
-id = 1
-etcd_token = "demo-build-{r}"
-messaging_exchange_id = 1
-allow_docker_builds = true
-[[clusters]]
-id = 2
-etcd_token = "demo-deploy-{r}"
-messaging_exchange_id = 1
-"""
+    """The demo site: one exchange, its broker, a build and a deploy cluster (workers register)."""
+    return dump_seed({
+        "orchestrator_exchange_id": 1, "orchestrator_broker_id": 1,
+        "clients": [{"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}],
+        "exchanges": [{"id": 1, "name": "demo-east", "routing_key": f"demo.{r}.east",
+                       "root_exchange_name": f"openaperture.demo.{r}"}],
+        "brokers": [{"id": 1, "name": "local"}],
+        "connections": [connection_seed(amqp_url)],
+        "clusters": [
+            {"id": 1, "etcd_token": f"demo-build-{r}", "messaging_exchange_id": 1, "allow_docker_builds": True},
+            {"id": 2, "etcd_token": f"demo-deploy-{r}", "messaging_exchange_id": 1},
+        ],
+    })
 
 
 def free_port() -> int:

@@ -8,20 +8,18 @@ seed with random exchange names, so tests can run in parallel on one RabbitMQ an
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import asyncpg
 
 from tests.support.services import AMQP_URL, DATABASE_URL, require
-from workflow_orchestrator.sandbox.seed import Seed
+from workflow_orchestrator.sandbox.seed import Seed, connection_seed, dump_seed
 from workflow_orchestrator.sandbox.server import RunningSandbox, SandboxSettings, start_sandbox
 
 __all__ = ["RunningSandbox", "random_seed", "running_sandbox", "sandbox_schema", "write_seed"]
@@ -33,8 +31,6 @@ def random_seed(amqp_url: str = AMQP_URL, **changes: Any) -> dict[str, Any]:
     `build-<r>` in exchange 1, deploy clusters `deploy-east-<r>` (1) and `deploy-west-<r>` (2).
     `changes` replace top-level keys (e.g. `modules=[...]`, `exchange_brokers=[...]`)."""
     r = uuid.uuid4().hex[:8]
-    url = urlsplit(amqp_url)
-    vhost = unquote(url.path[1:]) if len(url.path) > 1 else "/"
     seed: dict[str, Any] = {
         "orchestrator_exchange_id": 1,
         "orchestrator_broker_id": 1,
@@ -45,9 +41,7 @@ def random_seed(amqp_url: str = AMQP_URL, **changes: Any) -> dict[str, Any]:
             {"id": 2, "name": "west", "routing_key": f"test.{r}.west", "root_exchange_name": f"test-{r}"},
         ],
         "brokers": [{"id": 1, "name": "test-broker"}],
-        "connections": [{"id": 1, "broker_id": 1, "username": unquote(url.username or "guest"),
-                         "password": unquote(url.password or "guest"), "host": url.hostname or "127.0.0.1",
-                         "port": url.port or 5672, "virtual_host": vhost}],
+        "connections": [connection_seed(amqp_url)],
         "exchange_brokers": [],
         "clusters": [
             {"id": 1, "etcd_token": f"build-{r}", "messaging_exchange_id": 1, "allow_docker_builds": True},
@@ -60,29 +54,9 @@ def random_seed(amqp_url: str = AMQP_URL, **changes: Any) -> dict[str, Any]:
     return seed
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
 def write_seed(path: Path, seed: dict[str, Any]) -> Path:
     """Write `seed` (as from `random_seed`) as a TOML seed file; None values are left out."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in seed.items() if not isinstance(v, list) and v is not None]
-    for table, rows in seed.items():
-        if isinstance(rows, list):
-            for row in rows:
-                lines += ["", f"[[{table}]]"]
-                lines += [f"{k} = {_toml_value(v)}" for k, v in row.items() if v is not None]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(dump_seed(seed), encoding="utf-8")
     return path
 
 

@@ -22,57 +22,29 @@ from tests.support.services import AMQP_URL, fresh_database, require
 from workflow_orchestrator.app import Service
 from workflow_orchestrator.manager.client import ManagerClient
 from workflow_orchestrator.messaging.topology import queue_arguments
+from workflow_orchestrator.sandbox.seed import connection_seed, dump_seed
 from workflow_orchestrator.settings import Settings, load_settings
 
 WORKER_QUEUES = ("builder", "deployer", "deploy_oa", "notifications_hipchat", "notifications_email")
 
 
 def seed_toml(r: str, root: str, rk: dict[str, str]) -> str:
-    return f"""
-orchestrator_exchange_id = 1
-orchestrator_broker_id = 1
-orchestration_queue_name = "workflow_orchestration"
-[[clients]]
-client_id = "test-client"
-client_secret = "test-secret-{r}"
-[[exchanges]]
-id = 1
-name = "east"
-routing_key = "{rk['1']}"
-root_exchange_name = "{root}"
-[[exchanges]]
-id = 2
-name = "west"
-routing_key = "{rk['2']}"
-root_exchange_name = "{root}"
-[[brokers]]
-id = 1
-name = "local"
-[[connections]]
-id = 1
-broker_id = 1
-username = "guest"
-password = "guest"
-host = "127.0.0.1"
-port = 5672
-virtual_host = "/"
-[[clusters]]
-id = 1
-etcd_token = "build-{r}"
-messaging_exchange_id = 1
-allow_docker_builds = true
-[[clusters]]
-id = 2
-etcd_token = "deploy-{r}"
-messaging_exchange_id = 1
-[[clusters]]
-id = 3
-etcd_token = "deploy-west-{r}"
-messaging_exchange_id = 2
-[[clusters]]
-id = 4
-etcd_token = "orphan-{r}"
-"""
+    """Two exchanges on one broker; a build cluster, deploy clusters in both exchanges, and one
+    cluster without an exchange."""
+    return dump_seed({
+        "orchestrator_exchange_id": 1, "orchestrator_broker_id": 1,
+        "clients": [{"client_id": "test-client", "client_secret": f"test-secret-{r}"}],
+        "exchanges": [{"id": 1, "name": "east", "routing_key": rk["1"], "root_exchange_name": root},
+                      {"id": 2, "name": "west", "routing_key": rk["2"], "root_exchange_name": root}],
+        "brokers": [{"id": 1, "name": "local"}],
+        "connections": [connection_seed(AMQP_URL)],
+        "clusters": [
+            {"id": 1, "etcd_token": f"build-{r}", "messaging_exchange_id": 1, "allow_docker_builds": True},
+            {"id": 2, "etcd_token": f"deploy-{r}", "messaging_exchange_id": 1},
+            {"id": 3, "etcd_token": f"deploy-west-{r}", "messaging_exchange_id": 2},
+            {"id": 4, "etcd_token": f"orphan-{r}"},
+        ],
+    })
 
 
 class Stack:

@@ -21,7 +21,9 @@ Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 _MIGRATION_LOCK = 0x574F_4C45_4447  # "WOLEDG": serialises migrations of concurrent replicas
 
 MIGRATIONS: list[str] = [
-    # 1: inbox, runs, timers
+    # 1: inbox of decisions and their effects, run state, timers; and the three statements of the
+    # hot path, so a step costs three round trips (it took ~12 as separate statements):
+    # wo_enter (lock + state), wo_record (inbox + run + timers), CALL wo_exit (done marks + unlock).
     """
     CREATE TABLE runs (
         workflow_id text PRIMARY KEY,
@@ -42,7 +44,7 @@ MIGRATIONS: list[str] = [
         message_key text NOT NULL UNIQUE,
         workflow_id text NOT NULL,
         outcome text NOT NULL,
-        effects jsonb,
+        effects json,  -- written once, read only to resume: json spares Postgres the jsonb conversion
         done boolean NOT NULL DEFAULT false,
         created_at timestamptz NOT NULL DEFAULT now(),
         done_at timestamptz
@@ -60,10 +62,6 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX timers_due ON timers (due_at);
     CREATE INDEX timers_workflow ON timers (workflow_id);
-    """,
-    # 2: one round trip each to enter a workflow (lock + state), record a decision, and leave
-    # (mark effects done + unlock). The hot path went from ~11 round trips per step to 3.
-    """
     CREATE FUNCTION wo_state(p_wid text, p_key text) RETURNS jsonb LANGUAGE sql STABLE AS $f$
         SELECT jsonb_build_object(
             'rows', coalesce((SELECT jsonb_agg(jsonb_build_object('seq', i.seq, 'message_key', i.message_key,
@@ -90,53 +88,6 @@ MIGRATIONS: list[str] = [
         PERFORM pg_advisory_unlock(hashtextextended(p_wid, 0));
     END
     $f$;
-    CREATE FUNCTION wo_record(p_key text, p_wid text, p_outcome text, p_effects jsonb, p_run jsonb,
-                              p_cancel_timers boolean, p_timers jsonb) RETURNS bigint LANGUAGE plpgsql AS $f$
-    DECLARE v_seq bigint;
-    BEGIN
-        INSERT INTO inbox (message_key, workflow_id, outcome, effects, done, done_at)
-        VALUES (p_key, p_wid, p_outcome, p_effects, p_effects IS NULL, CASE WHEN p_effects IS NULL THEN now() END)
-        RETURNING seq INTO v_seq;
-        IF p_run IS NOT NULL THEN
-            INSERT INTO runs (workflow_id, current_step, dispatch_id, attempt, phase, workflow_start_time,
-                              step_time, dispatched_at, request)
-            SELECT p_wid, r.current_step, r.dispatch_id, r.attempt, r.phase, r.workflow_start_time, r.step_time,
-                   r.dispatched_at, coalesce(r.request, '{}'::jsonb)
-              FROM jsonb_to_record(p_run) AS r(current_step text, dispatch_id text, attempt integer, phase text,
-                   workflow_start_time timestamptz, step_time timestamptz, dispatched_at timestamptz, request jsonb)
-            ON CONFLICT (workflow_id) DO UPDATE SET current_step = EXCLUDED.current_step,
-                dispatch_id = EXCLUDED.dispatch_id, attempt = EXCLUDED.attempt, phase = EXCLUDED.phase,
-                workflow_start_time = EXCLUDED.workflow_start_time, step_time = EXCLUDED.step_time,
-                dispatched_at = EXCLUDED.dispatched_at, request = EXCLUDED.request, updated_at = now();
-        END IF;
-        IF p_cancel_timers THEN
-            DELETE FROM timers WHERE workflow_id = p_wid AND kind IN ('scheduled', 'timeout', 'retry');
-        END IF;
-        INSERT INTO timers (workflow_id, kind, token, due_at)
-        SELECT p_wid, t.kind, t.token, t.due_at
-          FROM jsonb_to_recordset(p_timers) AS t(kind text, token text, due_at timestamptz);
-        RETURN v_seq;
-    END
-    $f$;
-    """,
-    # 3: databases migrated by a first cut of migration 2 lack wo_exit (it had an unlock-before-
-    # commit wo_leave instead). OR REPLACE: a no-op where migration 2 already created it.
-    """
-    CREATE OR REPLACE PROCEDURE wo_exit(p_wid text, p_done bigint[]) LANGUAGE plpgsql AS $f$
-    BEGIN
-        IF cardinality(p_done) > 0 THEN
-            UPDATE inbox SET done = true, done_at = now(), effects = NULL WHERE seq = ANY(p_done);
-        END IF;
-        COMMIT;
-        PERFORM pg_advisory_unlock(hashtextextended(p_wid, 0));
-    END
-    $f$;
-    """,
-    # 4: the effects are written once and read back only to resume: plain json, not jsonb, spares
-    # Postgres converting several KB per step into its binary form (seen in the benchmark).
-    """
-    ALTER TABLE inbox ALTER COLUMN effects TYPE json USING effects::json;
-    DROP FUNCTION wo_record(text, text, text, jsonb, jsonb, boolean, jsonb);
     CREATE FUNCTION wo_record(p_key text, p_wid text, p_outcome text, p_effects json, p_run jsonb,
                               p_cancel_timers boolean, p_timers jsonb) RETURNS bigint LANGUAGE plpgsql AS $f$
     DECLARE v_seq bigint;

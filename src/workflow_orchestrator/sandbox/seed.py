@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
@@ -151,3 +154,36 @@ def load_seed(path: Path | None, *, fallback: bool = False) -> tuple[Seed, Path]
             f"{'.'.join(str(p) for p in err['loc']) or '(file)'}: {err['msg']}" for err in exc.errors()
         )
         raise SeedError(f"seed file {chosen} is invalid: {problems}") from None
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def dump_seed(seed: Mapping[str, Any]) -> str:
+    """A seed (the shape of `Seed`, as plain data) as seed-file TOML; None values are left out."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in seed.items() if not isinstance(v, list) and v is not None]
+    for table, rows in seed.items():
+        if isinstance(rows, list):
+            for row in rows:
+                lines += ["", f"[[{table}]]"]
+                lines += [f"{k} = {_toml_value(v)}" for k, v in row.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def connection_seed(amqp_url: str, *, id: int = 1, broker_id: int = 1) -> dict[str, Any]:
+    """A `[[connections]]` row reaching the broker of an AMQP URL."""
+    u = urlsplit(amqp_url)
+    return {"id": id, "broker_id": broker_id, "username": unquote(u.username or "guest"),
+            "password": unquote(u.password or "guest"), "host": u.hostname or "127.0.0.1", "port": u.port or 5672,
+            "virtual_host": unquote(u.path[1:]) if len(u.path) > 1 else "/"}
