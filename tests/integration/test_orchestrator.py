@@ -208,3 +208,15 @@ async def test_one_get_and_one_put_per_step() -> None:
         gets = reg.get_sample_value(count, {"endpoint": "/workflows/{id}", "status": "200"})
         puts = reg.get_sample_value(count, {"endpoint": "/workflows/{id}", "status": "204"})
         assert (gets, puts) == (3, 3), "three steps: start, build done, deploy done"
+
+
+async def test_the_orchestrator_registers_itself_as_a_module_while_running() -> None:
+    async with running_stack() as s:
+        hostname = s.services[0].settings.hostname
+        modules = await s.manager.get_modules("1", fresh=True)
+        mine = [m for m in modules if m.get("hostname") == hostname]
+        assert len(mine) == 1 and mine[0]["type"] == "workflow_orchestrator", modules
+        assert mine[0]["workload"] == 0, "in-flight count"
+        await s.stop_orchestrators()
+        modules = await s.manager.get_modules("1", fresh=True)
+        assert all(m.get("hostname") != hostname for m in modules), "deregistered on shutdown"
