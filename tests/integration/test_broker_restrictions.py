@@ -79,8 +79,13 @@ async def test_a_deploy_to_a_restricted_exchange_goes_through_its_own_broker() -
                            for e in record["event_log"])
             finally:
                 await west_conn.close()
-                await east_conn.close()
                 await service.stop()
                 await manager.close()
+                ch = await east_conn.channel()
+                for q in ("workflow_orchestration", "notifications_hipchat"):
+                    for name in (f"{east['routing_key']}.{q}", f"{east['routing_key']}.{q}_error"):
+                        await ch.queue_delete(name)
+                await ch.exchange_delete(east["root_exchange_name"])
+                await east_conn.close()
     finally:
         await asyncio.to_thread(rabbitmqctl, "delete_vhost", vhost)
