@@ -75,7 +75,13 @@ async def test_schemathesis_finds_no_server_errors_or_contract_violations(tmp_pa
         stats = (await http.get("/sandbox/stats", headers={"Authorization": f"Bearer {token}"})).json()
     report = out.decode(errors="replace")
     assert proc.returncode == 0, report
-    assert re.search(r"No issues found", report), report
+    cases = re.search(r"(\d+) generated, (\d+) passed", report)
+    assert cases and cases.group(1) == cases.group(2), report
+    # The one warning allowed: random client credentials are rightly refused by the token
+    # endpoint, so some runs see it answer nothing but 401 ("Authentication failed").
+    for warning in re.findall(r"⚠️ +(.+)", report):
+        assert warning.startswith("Authentication failed: 1 operation"), report
+        assert "- POST /oauth/token" in report, report
     # the run really exercised the API, including the hot workflow routes
     assert stats["requests"].get("GET /workflows/{id}", 0) >= MAX_EXAMPLES, stats
     assert stats["requests"].get("POST /workflows", 0) >= MAX_EXAMPLES, stats
