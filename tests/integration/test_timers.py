@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -65,7 +66,9 @@ async def test_milestone_timeout_fails_the_workflow_and_late_callback_is_stale()
         build = await s.take("1", "builder", wid)
         rec = await s.wait_finished(wid, timeout=15)
         text = "\n".join(events(rec))
-        assert "Workflow Milestone Failed: build. Reason: Milestone build timed out after 1 second(s)" in text
+        # 1 s timeout; the exact figure depends on how soon the timer is claimed on a loaded machine
+        assert re.search(r"Workflow Milestone Failed: build\. Reason: Milestone build timed out after [12] second\(s\)",
+                         text), text
         await s.echo(build)  # the worker comes back too late
         await asyncio.sleep(0.5)
         stale = s.services[0].metrics.registry.get_sample_value("wo_stale_total")
