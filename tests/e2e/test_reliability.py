@@ -7,6 +7,7 @@ import asyncio
 import random
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -148,52 +149,31 @@ async def test_manager_errors_and_timeouts_for_a_while_then_recovery_loses_nothi
         await workers.stop()
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+def rabbitmqctl(*args: str) -> str:
+    return subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, text=True, timeout=120).stdout
 
 
 def close_connections_of(hostname: str) -> int:
-    """Cut the broker connections of one process (as a broker restart or a network cut does)."""
-    out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-                         check=True, capture_output=True, text=True, timeout=60).stdout
+    """Cut the broker connections of one process (as a network cut does)."""
+    out = rabbitmqctl("-q", "list_connections", "pid", "client_properties")
     pids = [line.split("\t", 1)[0] for line in out.splitlines() if hostname in line]
     for pid in pids:
-        subprocess.run(["rabbitmqctl", "close_connection", pid, "test: connection cut"], check=True,
-                       capture_output=True, timeout=60)
+        rabbitmqctl("close_connection", pid, "test: connection cut")
     return len(pids)
 
 
-async def test_broker_connection_loss_consumer_resumes() -> None:
+async def survives_broker_outage(name: str, outage: Callable[[OrchestratorProcess], Awaitable[None]]) -> None:
+    """Workflows run, the broker goes away for the orchestrator, it consumes again and the next
+    workflows run too, in the same process."""
     async with running_stack(start=False) as s:
         workers = EchoWorkers(s)
         await workers.start()
-        orch = OrchestratorProcess(s, "rmq")
-        orch.start()
-        before = await start_many(s, 5)
-        await wait_all_finished(s, before, 30, [orch])
-        assert close_connections_of(orch.env["HOSTNAME"]) >= 2, "consumer and publisher connections were cut"
-        await s.wait_consuming(timeout=30)
-        after = await start_many(s, 5)
-        await wait_all_finished(s, after, 60, [orch])
-        assert orch.alive()
-        assert await orch.terminate() == 0
-        await workers.stop()
-
-
-@pytest.mark.slow
-async def test_broker_restart_consumer_resumes() -> None:
-    async with running_stack(start=False) as s:
-        workers = EchoWorkers(s)
-        await workers.start()
-        orch = OrchestratorProcess(s, "restart")
+        orch = OrchestratorProcess(s, name)
         orch.start()
         before = await start_many(s, 5)
         await wait_all_finished(s, before, 30, [orch])
         await workers.stop()
-        try:
-            await asyncio.to_thread(rabbitmqctl, "stop_app")
-        finally:
-            await asyncio.to_thread(rabbitmqctl, "start_app")
+        await outage(orch)
         await s.wait_consuming(timeout=60)
         workers = EchoWorkers(s)
         await workers.start()
@@ -202,3 +182,22 @@ async def test_broker_restart_consumer_resumes() -> None:
         assert orch.alive()
         assert await orch.terminate() == 0
         await workers.stop()
+
+
+async def test_broker_connection_loss_consumer_resumes() -> None:
+    async def cut(orch: OrchestratorProcess) -> None:
+        cut_count = await asyncio.to_thread(close_connections_of, orch.env["HOSTNAME"])
+        assert cut_count >= 2, "consumer and publisher connections were cut"
+
+    await survives_broker_outage("rmq", cut)
+
+
+@pytest.mark.slow
+async def test_broker_restart_consumer_resumes() -> None:
+    async def restart(_: OrchestratorProcess) -> None:
+        try:
+            await asyncio.to_thread(rabbitmqctl, "stop_app")
+        finally:
+            await asyncio.to_thread(rabbitmqctl, "start_app")
+
+    await survives_broker_outage("restart", restart)

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -120,10 +119,3 @@ class EchoWorkers:
     async def stop(self) -> None:
         if self.channel is not None:
             await self.channel.close()
-
-    def distinct_dispatches(self) -> dict[tuple[str, str], int]:
-        return {k: len({d for _, d in v}) for k, v in self.received.items()}
-
-
-def new_id() -> str:
-    return str(uuid.uuid4())

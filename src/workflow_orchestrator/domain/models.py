@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -79,9 +79,6 @@ class Run:
     step_time: datetime | None
     dispatched_at: datetime | None
     request: dict[str, Any] = field(default_factory=dict)
-
-    def evolve(self, **changes: Any) -> Run:
-        return replace(self, **changes)
 
 
 @dataclass(frozen=True)

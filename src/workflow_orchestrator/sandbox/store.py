@@ -10,7 +10,6 @@ import hashlib
 import json
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import quote
@@ -64,13 +63,6 @@ def sha256(text: str) -> str:
 
 
 ExecuteRefusal = Literal["not_found", "completed", "started", "executed"]
-
-
-@dataclass(frozen=True)
-class Executed:
-    """A workflow marked executed (inside the still-open transaction): its record as stored."""
-
-    record: dict[str, Any]
 
 
 class Store:
