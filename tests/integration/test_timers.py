@@ -48,10 +48,11 @@ async def test_scheduled_workflows_wait_without_blocking_the_consumer() -> None:
 
 async def test_moved_schedule_rearms_the_timer() -> None:
     async with running_stack() as s:
-        wid = await s.workflow(["scheduled", "deploy_ecs"], scheduled_start_time=rfc1123_in(1))
+        # 3 s: the move below must land before the first schedule is due, even on a loaded machine
+        wid = await s.workflow(["scheduled", "deploy_ecs"], scheduled_start_time=rfc1123_in(3))
         await s.start(wid)
         await s.wait_record(wid, lambda r: r.get("current_step") == "scheduled")
-        later = rfc1123_in(4)
+        later = rfc1123_in(5)
         await s.manager.put_workflow(wid, {"scheduled_start_time": later})
         await s.wait_record(wid, lambda r: sum("not scheduled to start until" in e for e in r["event_log"]) == 2,
                             timeout=10, what="re-armed")
