@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -322,6 +323,11 @@ async def run_service(settings: Settings) -> int:
         done, _ = await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if starting in done:
             starting.result()
+            # Everything loaded at start-up (modules, pools, caches) is long-lived: keep it out of the
+            # cyclic GC. Full collections over it took ~45 ms each, stalling every step in flight
+            # (the callback→dispatch p99 of the benchmark); now they scan only what came later.
+            gc.collect()
+            gc.freeze()
             await stop_wait
         else:
             starting.cancel()
