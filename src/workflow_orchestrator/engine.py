@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -15,6 +14,7 @@ import asyncpg
 import structlog
 from pydantic import ValidationError
 
+from workflow_orchestrator import jsonio
 from workflow_orchestrator.domain.decide import decide
 from workflow_orchestrator.domain.models import (
     WORKFLOW_FIELDS,
@@ -28,7 +28,7 @@ from workflow_orchestrator.domain.models import (
     TimerFired,
     Trigger,
 )
-from workflow_orchestrator.ledger.store import InboxRow, Ledger, Session, TimerRow
+from workflow_orchestrator.ledger.store import InboxRow, Ledger, LedgerRejected, Session, TimerRow
 from workflow_orchestrator.manager.client import ManagerClient, ManagerError, NotFound, TransientManagerError
 from workflow_orchestrator.messaging.broker import OutMessage, Publisher, PublishFailed
 from workflow_orchestrator.messaging.consumer import ACK, Outcome
@@ -71,8 +71,8 @@ def parse_body(raw: bytes, max_bytes: int) -> tuple[dict[str, Any], IncomingMess
     if len(raw) > max_bytes:
         raise BadInput(f"message is {len(raw)} bytes, over the {max_bytes}-byte limit")
     try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        payload = jsonio.loads(raw)
+    except ValueError as exc:  # also UnicodeDecodeError and json.JSONDecodeError
         raise BadInput(f"not JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise BadInput(f"not a JSON object but {type(payload).__name__}")
@@ -249,13 +249,13 @@ class Engine:
                     record = await self.manager.get_workflow(wid)
                 except NotFound:
                     if timer_id is not None:
-                        await s.delete_timer(timer_id)
+                        await self.ledger.delete_timer(timer_id)
                     raise BadInput(f"unknown workflow {wid}") from None
                 decision = await self._decide(trigger, record, run, key)
                 if decision.outcome != "processed":
                     self._count(decision.outcome)
                     if timer_id is not None:
-                        await s.delete_timer(timer_id)
+                        await self.ledger.delete_timer(timer_id)
                     log.info("ignored", outcome=decision.outcome, why=decision.note)
                     return
                 row = await s.record(decision)
@@ -265,6 +265,8 @@ class Engine:
             raise Transient(str(exc)) from None
         except ManagerError as exc:
             raise BadInput(f"Manager refused: {exc}") from None
+        except LedgerRejected as exc:
+            raise BadInput(str(exc)) from None
         except (TimeoutError, OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
             raise Transient(f"ledger unavailable: {type(exc).__name__}: {exc}") from None
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from workflow_orchestrator import jsonio
 from workflow_orchestrator.engine import BadInput, parse_body
 
 LIMIT = 1024 * 1024
@@ -18,6 +19,8 @@ LIMIT = 1024 * 1024
         (b'{"id": "a"', "not JSON"),
         (b"\xff\xfe\x00", "not JSON"),
         (b"", "not JSON"),
+        (b'{"id": "a", "x": NaN}', "not JSON: NaN is not valid JSON"),
+        (b'{"id": "a", "x": -Infinity}', "not JSON: -Infinity is not valid JSON"),
         (b"[1, 2]", "not a JSON object but list"),
         (b'"text"', "not a JSON object but str"),
         (b"42", "not a JSON object but int"),
@@ -92,3 +95,11 @@ def test_cancel_message() -> None:
 def test_numeric_id_is_read_as_text() -> None:
     _, msg = parse_body(b'{"id": 17}', LIMIT)
     assert msg.id == "17"
+
+
+def test_unknown_fields_pass_through_exactly() -> None:
+    raw = b'{"id": "a", "big": 123456789012345678901234567890, "f": 0.1, "s": "\\u00e9\\u2603", "n": {"1": [null]}}'
+    payload, _ = parse_body(raw, LIMIT)
+    assert payload["big"] == 123456789012345678901234567890  # not a float
+    assert json.loads(jsonio.dumps(payload)) == payload
+    assert jsonio.dumps({1: "a"}) == b'{"1":"a"}'

@@ -18,6 +18,8 @@ from authlib.integrations.httpx_client import AsyncOAuth2Client
 from httpx_aiohttp import AiohttpTransport
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from workflow_orchestrator import jsonio
+
 Observer = Callable[[str, str, float], None]  # (endpoint template, status, seconds)
 
 
@@ -177,8 +179,12 @@ class ManagerClient:
             started = time.perf_counter()
             try:
                 async with self._sem:
-                    resp = await self._http.request(method, path, json=body, params=params,
-                                                    headers={"Authorization": f"Bearer {token}"})
+                    headers = {"Authorization": f"Bearer {token}"}
+                    content = None
+                    if body is not None:
+                        content = jsonio.dumps(body)
+                        headers["Content-Type"] = "application/json"
+                    resp = await self._http.request(method, path, content=content, params=params, headers=headers)
             except httpx.TransportError as exc:
                 self._seen(endpoint, "error", started, f"{method} {endpoint}: {type(exc).__name__}")
                 raise TransientManagerError(f"Manager unreachable on {method} {endpoint}: "

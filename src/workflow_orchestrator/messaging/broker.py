@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
 
+from workflow_orchestrator import jsonio
 from workflow_orchestrator.messaging.directory import Resolver
 from workflow_orchestrator.messaging.topology import QueueType, Route, error_queue_name, queue_arguments
 
@@ -131,7 +131,7 @@ class Publisher:
                 link.exchanges[route.exchange_name] = exchange
                 link.declared.add(key)
         message = aio_pika.Message(
-            json.dumps(msg.body, separators=(",", ":")).encode(),
+            jsonio.dumps(msg.body),
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=msg.message_id,
