@@ -4,7 +4,8 @@ For each message of its queue: GET the workflow from the Manager, PUT it back wi
 milestone as `current_step`, publish one persistent message with a publisher confirm to the next
 worker queue (or to the `done` queue after the last milestone), then ack. No ledger, no event log,
 no notifications, no retries: a floor, not a product. Same libraries and settings as the service:
-aio-pika with `prefetch`, httpx over the aiohttp transport, a bearer token from the OAuth endpoint.
+aio-pika with `prefetch`, httpx over the aiohttp transport, a bearer token from the OAuth endpoint,
+orjson to encode, the start-up objects frozen out of the GC.
 
     RELAY_AMQP_URL RELAY_MANAGER_URL RELAY_TOKEN_URL RELAY_CLIENT_ID RELAY_CLIENT_SECRET
     RELAY_EXCHANGE (topic exchange) RELAY_ROUTING_KEY (queue prefix) [RELAY_QUEUE] [PREFETCH]
@@ -14,6 +15,7 @@ aio-pika with `prefetch`, httpx over the aiohttp transport, a bearer token from 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -27,6 +29,7 @@ import httpx
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 from httpx_aiohttp import AiohttpTransport
 
+from workflow_orchestrator import jsonio
 from workflow_orchestrator.domain.models import WORKFLOW_FIELDS
 from workflow_orchestrator.messaging.topology import queue_arguments
 
@@ -57,6 +60,7 @@ class Relay:
         self.http = httpx.AsyncClient(base_url=self.manager_url, transport=AiohttpTransport(limits=limits),
                                       timeout=10.0, headers={"Accept": "application/json"})
         self.auth: dict[str, str] = {}
+        self.put_headers: dict[str, str] = {}
         self.exchange: AbstractExchange | None = None
         self.stopping = asyncio.Event()
 
@@ -65,6 +69,7 @@ class Relay:
             "grant_type": "client_credentials", "client_id": self.client_id, "client_secret": self.client_secret})
         resp.raise_for_status()
         self.auth = {"Authorization": f"Bearer {resp.json()['access_token']}"}
+        self.put_headers = {**self.auth, "Content-Type": "application/json"}
         conn = await aio_pika.connect_robust(self.amqp_url, client_properties={"connection_name": "bench-relay"})
         try:
             consume = await conn.channel()
@@ -75,6 +80,8 @@ class Relay:
             queue = await consume.declare_queue(self.queue, durable=True, arguments=queue_arguments(self.queue))
             await queue.bind(self.exchange_name, self.queue)
             tag = await queue.consume(self.on_message)
+            gc.collect()
+            gc.freeze()  # as the service does after start-up
             await self.stopping.wait()
             await queue.cancel(tag)
         finally:
@@ -103,12 +110,12 @@ class Relay:
         fields = {k: record.get(k) for k in WORKFLOW_FIELDS if k != "id"}
         fields["current_step"] = nxt
         fields["workflow_completed"] = nxt is None
-        resp = await self.http.put(f"/workflows/{wid}", json=fields, headers=self.auth)
+        resp = await self.http.put(f"/workflows/{wid}", content=jsonio.dumps(fields), headers=self.put_headers)
         resp.raise_for_status()
         body["current_step"] = nxt
         queue = NEXT_QUEUE[nxt] if nxt is not None else DONE
         out = aio_pika.Message(
-            json.dumps(body, separators=(",", ":")).encode(), content_type="application/json",
+            jsonio.dumps(body), content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=str(uuid.uuid4()), correlation_id=wid,
             type=f"{queue}.request", app_id="bench-relay", timestamp=datetime.now(UTC))
         assert self.exchange is not None
