@@ -52,7 +52,8 @@ class Service:
         self.settings = settings
         self.metrics = Metrics()
         self.manager = manager_client(settings, self.metrics)
-        self.ledger = Ledger(settings.database_url.get_secret_value(), max_size=settings.prefetch + 8)
+        self.ledger = Ledger(settings.database_url.get_secret_value(), max_size=settings.prefetch + 8,
+                             observe=self.metrics.observe_ledger_round_trip)
         amqp = settings.amqp_url.get_secret_value() if settings.amqp_url else None
         self.resolver = Resolver(self.manager, settings.exchange_id, settings.broker_id, amqp)
         self.pool = BrokerPool(app_id=f"workflow-orchestrator@{settings.hostname}")

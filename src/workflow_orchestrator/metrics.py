@@ -32,12 +32,21 @@ class Metrics:
         self.deferred = Counter("wo_deferred_total", "Messages deferred after transient failures", registry=r)
         self.timers_fired = Counter("wo_timers_fired_total", "Durable timers fired", ["kind"], registry=r)
         self.ready = Gauge("wo_ready", "1 when consuming with Manager and ledger reachable", registry=r)
+        self.ledger_round_trips = Counter("wo_ledger_round_trips_total",
+                                          "Round trips of the ledger's shared connection (group commit)", registry=r)
+        self.ledger_operations = Counter("wo_ledger_operations_total",
+                                         "Ledger operations (enter, record, leave) carried by those round trips",
+                                         registry=r)
 
     def observe_manager(self, endpoint: str, status: str, seconds: float) -> None:
         self.manager_seconds.labels(endpoint, status).observe(seconds)
 
     def observe_confirm(self, seconds: float) -> None:
         self.confirm_seconds.observe(seconds)
+
+    def observe_ledger_round_trip(self, operations: int) -> None:
+        self.ledger_round_trips.inc()
+        self.ledger_operations.inc(operations)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
