@@ -10,12 +10,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tests.integration.test_orchestrator import events
 from tests.support.faulty import FaultyProxy
 from tests.support.proc import EchoWorkers, OrchestratorProcess
 from tests.support.stack import Stack, running_stack
+from workflow_orchestrator.ledger.store import LANE_APPLICATION_NAME
 
 EXPECTED = [
     "Starting workflow...",
@@ -83,6 +85,34 @@ async def test_kill_9_at_random_points_loses_nothing_and_dispatches_once() -> No
             orch.kill()
             orch.start()
         await wait_all_finished(s, wids, 120, [orch])
+        await assert_exactly_once_and_complete(s, wids, workers)
+        assert await error_queue(s) == []
+        assert await orch.terminate() == 0
+        await workers.stop()
+
+
+async def test_losing_the_ledger_lane_mid_run_loses_nothing_and_dispatches_once() -> None:
+    """The shared ledger connection holds the locks of every step in flight: cut it (as a Postgres
+    restart or a network fault would) three times during 100 workflows."""
+    async with running_stack(start=False) as s:
+        workers = EchoWorkers(s)
+        await workers.start()
+        orch = OrchestratorProcess(s, "lane-cut", TRANSIENT_BACKOFF="200ms")
+        orch.start()
+        wids = await start_many(s, 100)
+        admin = await asyncpg.connect(s.db_url)
+        try:
+            cut = 0
+            deadline = time.monotonic() + 30
+            while cut < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.3)
+                cut += await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = $1 AND datname = current_database()", LANE_APPLICATION_NAME)
+            assert cut == 3, f"only {cut} lane connections seen to cut"
+        finally:
+            await admin.close()
+        await wait_all_finished(s, wids, 90, [orch])
         await assert_exactly_once_and_complete(s, wids, workers)
         assert await error_queue(s) == []
         assert await orch.terminate() == 0

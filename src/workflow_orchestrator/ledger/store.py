@@ -254,6 +254,9 @@ class _Op:
     future: asyncio.Future[Any] | None = None
 
 
+LANE_APPLICATION_NAME = "workflow-orchestrator ledger lane"  # in pg_stat_activity
+
+
 class _Lane:
     """Group commit: one connection carries the ledger work of every step in flight. Operations
     submitted while a round trip is under way go together in the next `CALL wo_batch`, so at load a
@@ -309,7 +312,8 @@ class _Lane:
 
     async def _send(self, batch: list[_Op]) -> None:
         if self.conn is None or self.conn.is_closed():
-            self.conn = await asyncpg.connect(self.dsn, command_timeout=30)
+            self.conn = await asyncpg.connect(self.dsn, command_timeout=30,
+                                              server_settings={"application_name": LANE_APPLICATION_NAME})
             await _init_conn(self.conn)
             self.generation += 1
         live: list[_Op] = []
