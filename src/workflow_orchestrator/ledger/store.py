@@ -6,6 +6,7 @@ Postgres through asyncpg. Migrations are versioned and applied under an advisory
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -14,11 +15,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
+import structlog
 
 from workflow_orchestrator import jsonio
 from workflow_orchestrator.domain.models import Decision, Run
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+log = structlog.get_logger(__name__)
 _MIGRATION_LOCK = 0x574F_4C45_4447  # "WOLEDG": serialises migrations of concurrent replicas
 
 MIGRATIONS: list[str] = [
@@ -266,6 +269,7 @@ class _Lane:
     drops them all: the generation changes and every operation of the old one fails with LockLost."""
 
     MAX_OPS = 64  # decisions are subtransactions: stay under Postgres' 64 cached subtransaction ids
+    LINGER = 0.005  # how long a leave waits for a round trip to ride before it goes alone
 
     def __init__(self, dsn: str, observe: Callable[[int], None] | None = None) -> None:
         self.dsn = dsn
@@ -274,18 +278,34 @@ class _Lane:
         self.generation = 0
         self.queue: list[_Op] = []
         self.task: asyncio.Task[None] | None = None
+        self.wake = asyncio.Event()  # an operation that starts a round trip was queued
         self.batches = 0
         self.ops = 0
 
     async def submit(self, op: _Op) -> Any:
-        op.future = asyncio.get_running_loop().create_future()
+        future = self._queue(op)
+        self.wake.set()
+        return await future
+
+    def leave_later(self, op: _Op) -> None:
+        """Queue a leave without waiting for it: it rides the next round trip, whatever starts it,
+        or goes alone after LINGER. Its done marks are committed and its lock released before any
+        entry queued after it (wo_batch unlocks before it enters), so the next step of the same
+        workflow on this replica sees its effects done; another replica waits for the unlock."""
+        self._queue(op)
+
+    def _queue(self, op: _Op) -> asyncio.Future[Any]:
+        future = op.future = asyncio.get_running_loop().create_future()
         self.queue.append(op)
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._run())
-        return await op.future
+        return future
 
     async def close(self) -> None:
         if self.task is not None:
+            self.wake.set()  # send the leaves still waiting for a ride
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.task), 5)
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
         if self.conn is not None:
@@ -294,10 +314,16 @@ class _Lane:
 
     async def _run(self) -> None:
         while self.queue:
+            if not self.wake.is_set():  # only leaves are waiting: give them a round trip to ride
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self.LINGER)
+            self.wake.clear()
             batch, self.queue = self.queue[:self.MAX_OPS], self.queue[self.MAX_OPS:]
             try:
                 await self._send(batch)
             except BaseException as exc:
+                log.warning("ledger lane round trip failed; its connection and locks are dropped",
+                            error=f"{type(exc).__name__}: {exc}", operations=len(batch))
                 self._drop()
                 for op in batch:
                     _fail(op, LockLost(f"ledger round trip failed: {type(exc).__name__}: {exc}"))
@@ -397,7 +423,7 @@ class _LaneChannel(_Channel):
         return await self.lane.submit(_Op("record", wid, key, args, generation=self.generation))
 
     async def leave(self, wid: str, done: list[int]) -> None:
-        await self.lane.submit(_Op("leave", wid, done=done, generation=self.generation))
+        self.lane.leave_later(_Op("leave", wid, done=done, generation=self.generation))
 
 
 class _OwnChannel(_Channel):
