@@ -15,7 +15,13 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, Abstr
 
 from workflow_orchestrator import jsonio
 from workflow_orchestrator.messaging.directory import Resolver
-from workflow_orchestrator.messaging.topology import QueueType, Route, error_queue_name, queue_arguments
+from workflow_orchestrator.messaging.topology import (
+    QueueType,
+    Route,
+    error_queue_arguments,
+    error_queue_name,
+    queue_arguments,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -99,8 +105,8 @@ async def declare_route(channel: AbstractChannel, route: Route, queue_type: Queu
                                         arguments=queue_arguments(route.routing_key, queue_type, delivery_limit))
     if route.exchange_name:
         await queue.bind(exchange, route.routing_key)
-    err_args: dict[str, Any] | None = {"x-queue-type": "quorum"} if queue_type == "quorum" else None
-    await channel.declare_queue(error_queue_name(route.routing_key), durable=True, arguments=err_args)
+    await channel.declare_queue(error_queue_name(route.routing_key), durable=True,
+                                arguments=error_queue_arguments(queue_type))
     return exchange, queue
 
 

@@ -27,6 +27,11 @@ def queue_arguments(name: str, queue_type: QueueType = "classic", delivery_limit
     return args
 
 
+def error_queue_arguments(queue_type: QueueType = "classic") -> dict[str, Any] | None:
+    """The error queue's: the same queue type, nothing else."""
+    return {"x-queue-type": "quorum"} if queue_type == "quorum" else None
+
+
 @dataclass(frozen=True)
 class Route:
     """Where logical queue `queue` of one messaging exchange lives on its broker."""

@@ -9,28 +9,17 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
 
+from workflow_orchestrator.messaging.topology import QueueType, error_queue_arguments, error_queue_name, queue_arguments
 from workflow_orchestrator.settings import mask_url
-
-QueueType = Literal["classic", "quorum"]
 
 
 class PublishError(Exception):
     """The start message could not be handed to the broker; the text holds no credentials."""
-
-
-def queue_arguments(name: str, queue_type: QueueType, delivery_limit: int) -> dict[str, Any]:
-    """The orchestrator's arguments for queue `name` (dead-lettering to `<name>_error`)."""
-    args: dict[str, Any] = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{name}_error"}
-    if queue_type == "quorum":
-        args["x-queue-type"] = "quorum"
-        args["x-delivery-limit"] = delivery_limit
-    return args
 
 
 class StartPublisher:
@@ -117,8 +106,8 @@ class StartPublisher:
     async def _declare(self, connection: AbstractRobustConnection, exchange_name: str, queue: str) -> None:
         """Exchange, queue (bound with its own name) and error queue, as the consumer declares
         them, so the start message waits in the queue even before the orchestrator runs."""
-        error_queue = f"{queue}_error"
-        error_args = {"x-queue-type": "quorum"} if self._queue_type == "quorum" else None
+        error_queue = error_queue_name(queue)
+        error_args = error_queue_arguments(self._queue_type)
         # Each step on its own short-lived channel: a queue that already exists with other
         # arguments (declared by a differently configured consumer) makes the broker close the
         # channel with PRECONDITION_FAILED; that queue is then used as it is.
