@@ -71,6 +71,18 @@ async def error_queue(s: Stack) -> list[Any]:
     return await s.drain("1", "workflow_orchestration_error")
 
 
+async def finishes_cleanly(s: Stack, wids: list[str], workers: EchoWorkers, procs: list[OrchestratorProcess],
+                           timeout: float, running: list[OrchestratorProcess] | None = None) -> None:
+    """Every workflow completes with each milestone dispatched once, nothing is dead-lettered, and
+    the replicas still `running` stop with exit 0."""
+    await wait_all_finished(s, wids, timeout, procs)
+    await assert_exactly_once_and_complete(s, wids, workers)
+    assert await error_queue(s) == [], "nothing dead-lettered"
+    for p in procs if running is None else running:
+        assert await p.terminate() == 0, p.log_tail()
+    await workers.stop()
+
+
 @pytest.mark.slow
 async def test_kill_9_at_random_points_loses_nothing_and_dispatches_once() -> None:
     async with running_stack(start=False) as s:
@@ -84,11 +96,7 @@ async def test_kill_9_at_random_points_loses_nothing_and_dispatches_once() -> No
             await asyncio.sleep(rnd.uniform(0.3, 1.5))
             orch.kill()
             orch.start()
-        await wait_all_finished(s, wids, 120, [orch])
-        await assert_exactly_once_and_complete(s, wids, workers)
-        assert await error_queue(s) == []
-        assert await orch.terminate() == 0
-        await workers.stop()
+        await finishes_cleanly(s, wids, workers, [orch], 120)
 
 
 async def test_losing_the_ledger_lane_mid_run_loses_nothing_and_dispatches_once() -> None:
@@ -112,11 +120,7 @@ async def test_losing_the_ledger_lane_mid_run_loses_nothing_and_dispatches_once(
             assert cut == 3, f"only {cut} lane connections seen to cut"
         finally:
             await admin.close()
-        await wait_all_finished(s, wids, 90, [orch])
-        await assert_exactly_once_and_complete(s, wids, workers)
-        assert await error_queue(s) == []
-        assert await orch.terminate() == 0
-        await workers.stop()
+        await finishes_cleanly(s, wids, workers, [orch], 90)
 
 
 async def test_every_message_twice_gives_the_same_end_state() -> None:
@@ -148,12 +152,7 @@ async def test_three_replicas_one_killed_mid_run() -> None:
         wids = await start_many(s, 150)
         await asyncio.sleep(1.0)
         procs[0].kill()
-        await wait_all_finished(s, wids, 120, procs)
-        await assert_exactly_once_and_complete(s, wids, workers)
-        assert await error_queue(s) == []
-        for p in procs[1:]:
-            assert await p.terminate() == 0, p.log_tail()
-        await workers.stop()
+        await finishes_cleanly(s, wids, workers, procs, 120, running=procs[1:])
 
 
 async def test_manager_errors_and_timeouts_for_a_while_then_recovery_loses_nothing() -> None:
@@ -171,12 +170,8 @@ async def test_manager_errors_and_timeouts_for_a_while_then_recovery_loses_nothi
         proxy.stall_workflow_calls = 3.0  # then every call times out
         await asyncio.sleep(4)
         proxy.stall_workflow_calls = 0.0
-        await wait_all_finished(s, wids, 90, [orch])
-        await assert_exactly_once_and_complete(s, wids, workers)
         assert proxy.failed > 0, "the fault was really injected"
-        assert await error_queue(s) == [], "nothing dead-lettered early"
-        assert await orch.terminate() == 0
-        await workers.stop()
+        await finishes_cleanly(s, wids, workers, [orch], 90)
 
 
 def rabbitmqctl(*args: str) -> str:
