@@ -129,3 +129,17 @@ async def test_dlq_replay_restores_a_fixed_message() -> None:
         req = await s.take("1", "deployer", wid)
         assert req["current_step"] == "deploy_ecs"
         assert (await operator.dlq_list(settings))["messages"] == []
+
+
+async def test_a_value_the_ledger_refuses_is_dead_lettered_and_others_flow() -> None:
+    async with running_stack() as s:
+        bad = await s.workflow(["deploy_ecs"])
+        await s.start(bad, note="a NUL \u0000 in an unknown field")  # jsonb (the run's request) refuses it
+        good = await s.workflow(["deploy_ecs"])
+        await s.start(good)
+        await s.echo(await s.take("1", "deployer", good))
+        assert (await s.wait_finished(good))["workflow_error"] is False
+        [parked] = await _collect_errors(s, 1)
+        assert json.loads(parked.body)["id"] == bad, "the body is kept as it was"
+        assert "the ledger refused the decision" in str(parked.headers["x-error-reason"]), parked.headers
+        assert (await s.record(bad)).get("current_step") is None, "nothing was carried out"
