@@ -3,10 +3,18 @@ per milestone type, what arrives on the worker queue, what is saved, what is not
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+import uuid
 from typing import Any
 
+import aio_pika
+import aiormq
+import pytest
+
 from tests.support.stack import Stack, running_stack
+from workflow_orchestrator.messaging.topology import error_queue_arguments, error_queue_name, queue_arguments
 
 ROUTING = {
     "notifications_exchange_id": "1", "notifications_broker_id": "1",
@@ -220,3 +228,69 @@ async def test_the_orchestrator_registers_itself_as_a_module_while_running() -> 
         await s.stop_orchestrators()
         modules = await s.manager.get_modules("1", fresh=True)
         assert all(m.get("hostname") != hostname for m in modules), "deregistered on shutdown"
+
+
+async def test_published_messages_carry_the_amqp_properties_of_the_contract() -> None:
+    """SPEC §4.1: every message this project publishes is persistent JSON with message_id,
+    correlation_id (the workflow id), type, app_id and timestamp."""
+    async with running_stack() as s:
+        wid = await s.workflow(["build"])
+        await s.start(wid)
+        request = await s.take_message("1", "builder", wid)
+        chat = await s.take_message("1", "notifications_hipchat", wid)
+        for msg, kind in ((request, "builder.request"), (chat, "notification.chat")):
+            assert msg.type == kind
+            assert msg.content_type == "application/json"
+            assert msg.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+            assert msg.correlation_id == wid
+            assert msg.message_id and uuid.UUID(msg.message_id)
+            assert msg.app_id and msg.app_id.startswith("workflow-orchestrator@")
+            assert msg.timestamp is not None and abs(msg.timestamp.timestamp() - time.time()) < 60
+        assert request.message_id != chat.message_id
+        assert json.loads(request.body)["dispatch_id"]
+
+
+async def test_on_quorum_queues_a_workflow_runs_and_a_poison_message_is_parked() -> None:
+    """QUEUE_TYPE=quorum (SPEC §4.2, §6): the orchestrator declares its queue and the queues it
+    publishes to as quorum queues with its DELIVERY_LIMIT and a quorum error queue; a workflow runs
+    through them; a request redelivered past the limit lands in the error queue, not nowhere."""
+    async with running_stack(queues=False, queue_type="quorum", delivery_limit=3) as s:
+        wid = await s.workflow(["build", "deploy"])
+        await s.start(wid, etcd_token=s.deploy_token)
+        await s.echo(await s.take("1", "builder", wid))
+        await s.echo(await s.take("1", "deployer", wid))
+        assert (await s.wait_finished(wid))["workflow_error"] is False
+
+        for q in ("workflow_orchestration", "builder", "deployer", "notifications_hipchat"):
+            name = s.queue("1", q)
+            ch = await s.amqp.channel()
+            # Re-declaring with the same arguments is accepted; with any other delivery limit or
+            # queue type RabbitMQ refuses: so these are exactly the arguments the queues carry.
+            await ch.declare_queue(name, durable=True, arguments=queue_arguments(name, "quorum", 3))
+            await ch.declare_queue(error_queue_name(name), durable=True, arguments=error_queue_arguments("quorum"))
+            for other in (queue_arguments(name, "quorum", 4), queue_arguments(name, "classic")):
+                with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+                    await ch.declare_queue(name, durable=True, arguments=other)
+                ch = await s.amqp.channel()
+            await ch.close()
+
+        poison = await s.workflow(["build"])
+        await s.start(poison)
+        ch = await s.amqp.channel()
+        queue = await ch.get_queue(s.queue("1", "builder"), ensure=False)
+        deliveries = 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # a worker that fails the request every time
+            msg = await queue.get(no_ack=False, fail=False)
+            if msg is None:
+                if deliveries > 3:
+                    break
+                await asyncio.sleep(0.05)
+                continue
+            assert json.loads(msg.body)["id"] == poison
+            deliveries += 1
+            await msg.nack(requeue=True)
+        await ch.close()
+        assert deliveries == 4, "delivered once, then redelivered up to the limit of 3"
+        parked = await s.take("1", "builder_error", poison)
+        assert parked["current_step"] == "build"

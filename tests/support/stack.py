@@ -15,13 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from tests.support.sandbox import running_sandbox
 from tests.support.services import AMQP_URL, fresh_database, require
 from workflow_orchestrator.app import Service
 from workflow_orchestrator.manager.client import ManagerClient
-from workflow_orchestrator.messaging.topology import queue_arguments
+from workflow_orchestrator.messaging.topology import (
+    QueueType,
+    error_queue_arguments,
+    error_queue_name,
+    queue_arguments,
+)
 from workflow_orchestrator.sandbox.seed import connection_seed, dump_seed
 from workflow_orchestrator.settings import Settings, load_settings
 
@@ -121,15 +127,17 @@ class Stack:
     def queue(self, x: str, q: str) -> str:
         return f"{self.rk[x]}.{q}"
 
-    async def declare_worker_queues(self) -> None:
+    async def declare_worker_queues(self, queue_type: QueueType = "classic") -> None:
+        """As the workers would: with the orchestrator's arguments (declarations must agree)."""
         ch = await self.amqp.channel()
         ex = await ch.declare_exchange(self.root, aio_pika.ExchangeType.TOPIC, durable=True)
         for x in ("1", "2"):
             for q in (*WORKER_QUEUES, "workflow_orchestration"):
                 name = self.queue(x, q)
-                queue = await ch.declare_queue(name, durable=True, arguments=queue_arguments(name))
+                queue = await ch.declare_queue(name, durable=True, arguments=queue_arguments(name, queue_type))
                 await queue.bind(ex, name)
-                await ch.declare_queue(f"{name}_error", durable=True)
+                await ch.declare_queue(error_queue_name(name), durable=True,
+                                       arguments=error_queue_arguments(queue_type))
         await ch.close()
 
     async def publish(self, x: str, q: str, body: dict[str, Any] | bytes, message_id: str | None = None,
@@ -155,7 +163,12 @@ class Stack:
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
-                msg = await queue.get(no_ack=True, fail=False)
+                try:
+                    msg = await queue.get(no_ack=True, fail=False)
+                except aiormq.exceptions.ChannelNotFoundEntity:  # not declared yet (by its publisher)
+                    msg = None
+                    ch = await self.amqp.channel()
+                    queue = await ch.get_queue(self.queue(x, q), ensure=False)
                 if msg is None:
                     await asyncio.sleep(0.05)
                     continue
@@ -202,9 +215,10 @@ class Stack:
 
 
 @asynccontextmanager
-async def running_stack(*, start: bool = True, modules: bool = True, **orchestrator: Any) -> AsyncIterator[Stack]:
-    """Sandbox + queues (+ one orchestrator unless start=False; builder/deployer modules in both
-    exchanges unless modules=False)."""
+async def running_stack(*, start: bool = True, modules: bool = True, queues: bool = True,
+                        **orchestrator: Any) -> AsyncIterator[Stack]:
+    """Sandbox + queues (unless queues=False: then the orchestrator declares what it uses) + one
+    orchestrator unless start=False; builder/deployer modules in both exchanges unless modules=False."""
     r = uuid.uuid4().hex[:8]
     stack_holder: list[Stack] = []
     root, rk = f"wo-test-{r}", {"1": f"t{r}.east", "2": f"t{r}.west"}
@@ -215,7 +229,8 @@ async def running_stack(*, start: bool = True, modules: bool = True, **orchestra
             stack = Stack(r, sandbox, db_url, amqp)
             stack_holder.append(stack)
             await stack.manager.start()
-            await stack.declare_worker_queues()
+            if queues:
+                await stack.declare_worker_queues(orchestrator.get("queue_type", "classic"))
             if modules:
                 for x in ("1", "2"):
                     await stack.module(x, "builder")
