@@ -7,11 +7,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
+import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
+from aiormq import spec
 
 from workflow_orchestrator import jsonio
 from workflow_orchestrator.messaging.directory import Resolver
@@ -46,7 +48,6 @@ class _Link:
     def __init__(self, conn: AbstractRobustConnection, channel: AbstractChannel) -> None:
         self.conn = conn
         self.channel = channel
-        self.exchanges: dict[str, AbstractExchange] = {}
         self.declared: set[tuple[str, str]] = set()
         self.lock = asyncio.Lock()
 
@@ -130,25 +131,28 @@ class Publisher:
             raise PublishFailed(str(exc)) from None
         link = await self.pool.link_for(route)
         key = (route.exchange_name, route.routing_key)
-        exchange = link.exchanges.get(route.exchange_name)
-        if key not in link.declared or exchange is None:
+        if key not in link.declared:
             async with link.lock:
-                exchange, _ = await declare_route(link.channel, route, self.queue_type, self.delivery_limit)
-                link.exchanges[route.exchange_name] = exchange
+                await declare_route(link.channel, route, self.queue_type, self.delivery_limit)
                 link.declared.add(key)
-        message = aio_pika.Message(
-            jsonio.dumps(msg.body),
+        # aiormq directly, with wait=False: the confirm is still awaited, but not the socket drain, so
+        # concurrent publishes on the shared channel do not queue behind each other's drain (each
+        # held the channel's lock for two turns of the event loop), and no aio_pika.Message is built.
+        properties = spec.Basic.Properties(
             content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=2,  # persistent
             message_id=msg.message_id,
             correlation_id=msg.correlation_id,
-            type=msg.type,
+            message_type=msg.type,
             app_id=self.pool.app_id,
             timestamp=datetime.now(UTC),
         )
         started = time.perf_counter()
         try:
-            await exchange.publish(message, route.routing_key, mandatory=True, timeout=self.confirm_timeout)
+            channel = cast(aiormq.Channel, await link.channel.get_underlay_channel())
+            await channel.basic_publish(jsonio.dumps(msg.body), exchange=route.exchange_name,
+                                        routing_key=route.routing_key, properties=properties, mandatory=True,
+                                        timeout=self.confirm_timeout, wait=False)
         except (TimeoutError, aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
             raise PublishFailed(f"{msg.type} to {route.routing_key} not confirmed: {type(exc).__name__}") from None
         if self.observe is not None:
