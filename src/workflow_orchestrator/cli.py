@@ -57,7 +57,7 @@ def run() -> None:
     from workflow_orchestrator.logging import configure
 
     settings = settings_or_exit()
-    configure(settings.log_level, settings.log_format)
+    configure(settings.log_level, settings.log_format, cache=True)
     try:
         code = run_async(run_service(settings))
     except StartupError as exc:
