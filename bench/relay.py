@@ -22,11 +22,13 @@ import signal
 import sys
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
+import aiormq
 import httpx
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aiormq import spec
 from httpx_aiohttp import AiohttpTransport
 
 from workflow_orchestrator import jsonio
@@ -61,7 +63,7 @@ class Relay:
                                       timeout=10.0, headers={"Accept": "application/json"})
         self.auth: dict[str, str] = {}
         self.put_headers: dict[str, str] = {}
-        self.exchange: AbstractExchange | None = None
+        self.channel: AbstractChannel | None = None
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -75,10 +77,10 @@ class Relay:
             consume = await conn.channel()
             await consume.set_qos(prefetch_count=self.prefetch)
             publish = await conn.channel(publisher_confirms=True, on_return_raises=True)
-            self.exchange = await publish.declare_exchange(self.exchange_name, aio_pika.ExchangeType.TOPIC,
-                                                           durable=True)
+            self.channel = publish
+            exchange = await publish.declare_exchange(self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
             queue = await consume.declare_queue(self.queue, durable=True, arguments=queue_arguments(self.queue))
-            await queue.bind(self.exchange_name, self.queue)
+            await queue.bind(exchange, self.queue)
             tag = await queue.consume(self.on_message)
             gc.collect()
             gc.freeze()  # as the service does after start-up
@@ -114,13 +116,15 @@ class Relay:
         resp.raise_for_status()
         body["current_step"] = nxt
         queue = NEXT_QUEUE[nxt] if nxt is not None else DONE
-        out = aio_pika.Message(
-            jsonio.dumps(body), content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=str(uuid.uuid4()), correlation_id=wid,
-            type=f"{queue}.request", app_id="bench-relay", timestamp=datetime.now(UTC))
-        assert self.exchange is not None
-        await self.exchange.publish(out, f"{self.routing_key}.{queue}", mandatory=True, timeout=10.0)
-
+        # Published as the service publishes (aiormq's basic_publish, confirm awaited, drain not).
+        properties = spec.Basic.Properties(
+            content_type="application/json", delivery_mode=2, message_id=str(uuid.uuid4()), correlation_id=wid,
+            message_type=f"{queue}.request", app_id="bench-relay", timestamp=datetime.now(UTC))
+        assert self.channel is not None
+        channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
+        await channel.basic_publish(jsonio.dumps(body), exchange=self.exchange_name,
+                                    routing_key=f"{self.routing_key}.{queue}", properties=properties,
+                                    mandatory=True, timeout=10.0, wait=False)
 
 async def main() -> None:
     relay = Relay()
