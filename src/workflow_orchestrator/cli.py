@@ -6,9 +6,10 @@ import asyncio
 import json
 import sys
 from collections.abc import Coroutine
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import typer
+from pydantic import ValidationError
 
 from workflow_orchestrator.settings import ConfigError, Settings, load_settings
 
@@ -105,8 +106,10 @@ def sandbox_manager() -> None:
     configure("info", "console")
     try:
         sandbox_settings = SandboxSettings()
-    except Exception as exc:
-        fail(f"invalid sandbox configuration: {exc}".splitlines()[0], 2)
+    except ValidationError as exc:
+        problems = "; ".join(f"SANDBOX_{'__'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+                             for e in exc.errors())
+        fail(f"invalid sandbox configuration: {problems}", 2)
     try:
         run_async(serve(sandbox_settings))
     except SandboxStartError as exc:
@@ -133,13 +136,15 @@ def demo(
 
     Example: workflow-orchestrator demo --workflows 5 --speed 0.3
     """
+    import asyncpg
+
     from workflow_orchestrator.demo import run_demo
     from workflow_orchestrator.logging import configure
 
     configure("warning", "console")
     try:
         code = run_async(run_demo(workflows, speed, keep, database_url, amqp_url))
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         from workflow_orchestrator.logging import redact_text
 
         fail(f"demo could not run: {redact_text(str(exc))}")
@@ -411,8 +416,30 @@ def dlq_purge(
     emit(result if as_json else f"purged {result['purged']} message(s) from {result['queue']}", as_json)
 
 
-def main() -> None:
+# typer vendors click: its usage errors are reached through the public typer.BadParameter's bases.
+_UsageError = cast(type[Exception], typer.BadParameter.__mro__[1])
+_ClickException = cast(type[Exception], _UsageError.__mro__[1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script. Usage errors (an unknown command or option, a missing or invalid
+    argument) are one line on stderr and exit code 2, as every other error (SPEC §9), instead of
+    click's usage block and panel; no arguments at all print the help (exit 2)."""
     try:
-        app()
+        code = app(args=argv, standalone_mode=False)
+    except _ClickException as exc:
+        message: str = exc.format_message()  # type: ignore[attr-defined]
+        exit_code: int = exc.exit_code  # type: ignore[attr-defined]
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the message is the help
+            typer.echo(message, err=True)
+        else:
+            ctx = getattr(exc, "ctx", None) if isinstance(exc, _UsageError) else None
+            where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            typer.echo(f"error: {' '.join(message.split())}{where}", err=True)
+        sys.exit(exit_code)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -84,6 +84,8 @@ async def _friendly() -> AsyncIterator[None]:
         raise OperatorError(f"ledger database error: {type(exc).__name__}: {_line(exc)}") from None
     except (TimeoutError, OSError) as exc:
         raise OperatorError(f"a dependency is not reachable: {type(exc).__name__}: {_line(exc)}") from None
+    except LookupError as exc:  # the Manager's records do not lead to a broker (no connection, no exchange)
+        raise OperatorError(f"cannot find the broker: {_line(exc)}") from None
 
 
 @asynccontextmanager

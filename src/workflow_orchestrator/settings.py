@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -127,9 +128,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        app_env = os.environ.get("APP_ENV", "development").lower()
-        config_dir = Path(os.environ.get("CONFIG_DIR", "./config"))
-        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_dir / f"{app_env}.toml")
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file())
         return (init_settings, env_settings, toml)
 
     def policy(self, milestone: str) -> MilestonePolicy:
@@ -153,6 +152,12 @@ def mask_url(url: str) -> str:
     return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
 
 
+def config_file() -> Path:
+    """`$CONFIG_DIR/$APP_ENV.toml` (default ./config/development.toml); missing is not an error."""
+    app_env = os.environ.get("APP_ENV", "development").lower()
+    return Path(os.environ.get("CONFIG_DIR", "./config")) / f"{app_env}.toml"
+
+
 class ConfigError(Exception):
     """Invalid configuration; the message names every bad variable."""
 
@@ -161,6 +166,10 @@ def load_settings(**overrides: Any) -> Settings:
     """Build Settings or raise ConfigError with one readable message."""
     try:
         return Settings(**overrides)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid configuration: {config_file()} is not valid TOML ({exc})") from None
+    except OSError as exc:  # e.g. the config file exists but cannot be read
+        raise ConfigError(f"invalid configuration: {exc.strerror or exc}: {exc.filename}") from None
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

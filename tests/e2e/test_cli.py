@@ -97,6 +97,38 @@ async def test_every_command_has_help_with_an_example(command: list[str]) -> Non
     assert "Example: workflow-orchestrator " + command[0] in " ".join(run.out.split())
 
 
+@pytest.mark.parametrize("command", ["run", "sandbox-manager", "demo", "demo-workers", "check-config"])
+async def test_the_service_commands_have_help(command: str) -> None:
+    run = await cli(base_env(), command, "--help")
+    assert run.code == 0, run.err
+    assert f"workflow-orchestrator {command}" in " ".join(run.out.split())
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["cancel", "0b0c5a4e-0000-4000-8000-000000000000"], "Missing option '--reason'"),
+    (["create"], "Missing option '--deployment-repo'"),
+    (["nosuch"], "No such command 'nosuch'"),
+    (["dlq", "replay", "--limit", "0"], "'--limit'"),
+    (["status", "--bogus"], "No such option: --bogus"),
+])
+async def test_a_usage_error_is_one_line_and_exit_code_2(args: list[str], says: str) -> None:
+    line = one_error_line(await cli(base_env(), *args), code=2)
+    assert says in line and "--help)" in line
+
+
+async def test_a_config_file_that_is_not_toml_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    (tmp_path / "test.toml").write_text("prefetch = [\n")
+    env = {**base_env(), "CONFIG_DIR": str(tmp_path)}
+    for command in (["status", "x"], ["run"]):
+        line = one_error_line(await cli(env, *command), code=2)
+        assert f"{tmp_path / 'test.toml'} is not valid TOML" in line
+
+
+async def test_an_invalid_sandbox_setting_is_named_in_one_line() -> None:
+    line = one_error_line(await cli(base_env(SANDBOX_PORT="abc", SANDBOX_POOL_SIZE="0"), "sandbox-manager"), code=2)
+    assert "SANDBOX_PORT" in line and "SANDBOX_POOL_SIZE" in line
+
+
 async def test_missing_configuration_is_one_line_and_exit_code_2() -> None:
     line = one_error_line(await cli(base_env(), "status"), code=2)
     assert "EXCHANGE_ID is required" in line and "MANAGER_URL is required" in line
