@@ -53,7 +53,7 @@ class Spy:
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("Manager HTTP calls (GET + PUT)", ("ManagerClient.request", "AsyncClient.get (", "AsyncClient.put (")),
     ("ledger (asyncpg)", ("Ledger.session", "Session.", "asyncpg/")),
-    ("publishing with confirms", ("Publisher.publish", "Exchange.publish")),
+    ("publishing with confirms", ("Publisher.publish", "Exchange.publish", "Channel.basic_publish (aiormq")),
     ("decide (the pure core)", ("decide (workflow_orchestrator",)),
     ("parsing the delivery", ("parse_body", "loads (json")),
     ("metrics and logs", ("prometheus_client/", "structlog/", "Engine._observe")),
