@@ -252,3 +252,21 @@ async def test_sigterm_drains_the_request_in_flight() -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_deploy_oa_worker_registers_as_a_deployer_and_completes_its_milestone() -> None:
+    """The orchestrator dispatches deploy_oa where a `deployer` module is registered (SPEC §5.3):
+    a worker of the deploy_oa queue registers as one, so it is enough on its own."""
+    async def deploy_oa(request: OrchestrationRequest) -> None:
+        return None
+
+    async with running_stack(modules=False) as s:
+        worker = make_worker(s, "deploy_oa", deploy_oa)
+        async with worker:
+            registered = {(m["hostname"], m["type"]) for m in await modules(s, "1")}
+            assert (worker.hostname, "deployer") in registered
+            wid = await s.workflow(["deploy_oa"])
+            await s.start(wid, etcd_token=s.deploy_token)
+            rec = await s.wait_finished(wid)
+            await settled(worker)
+        assert rec["workflow_error"] is False, entries(rec)

@@ -82,6 +82,12 @@ class _Memory:
             self._data.popitem(last=False)
 
 
+# The module type a worker registers as, by the queue it consumes: the orchestrator dispatches to
+# the deploy_oa queue only where a `deployer` module is registered (SPEC §5.3), as in the original,
+# where the deployer serves that queue too. Other queues: the queue's name (builder, deployer).
+MODULE_TYPE_OF_QUEUE = {"deploy_oa": "deployer"}
+
+
 class Worker:
     """Consumes logical queue `queue` of messaging exchange `exchange_id` and hands each request
     to `handler`. Returning (a request or None) reports the milestone completed; raising
@@ -104,7 +110,7 @@ class Worker:
         self.broker_id = broker_id
         self.hostname = hostname
         self.amqp_url = amqp_url
-        self.module_type = module_type or queue
+        self.module_type = module_type or MODULE_TYPE_OF_QUEUE.get(queue, queue)
         self.prefetch = prefetch
         self.queue_type: QueueType = queue_type
         self.delivery_limit = delivery_limit
