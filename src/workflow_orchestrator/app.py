@@ -217,8 +217,6 @@ class Service:
             if self.stopping.is_set():
                 return
             await self._register("active")
-            with contextlib.suppress(Exception):
-                self.metrics.active.set(await self.ledger.count_active())
 
     async def _health_loop(self) -> None:
         """Stop consuming while the Manager or the ledger is unreachable; resume when back."""
@@ -232,6 +230,9 @@ class Service:
                 self.health["ledger"] = None
             except Exception as exc:
                 self.health["ledger"] = f"{type(exc).__name__}"
+            else:
+                with contextlib.suppress(Exception):  # wo_active_workflows follows the ledger within 2 s
+                    self.metrics.active.set(await asyncio.wait_for(self.ledger.count_active(), 5))
             if time.monotonic() - self.manager.last_ok > 10 or self.manager.last_error:
                 try:
                     await asyncio.wait_for(self.manager.request(

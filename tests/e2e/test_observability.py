@@ -39,15 +39,26 @@ def value(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **
     return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+async def until_metric(port: int, name: str, expected: float, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (seen := value(await scrape(port), name)) != expected:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} is {seen}, not {expected}, after {timeout}s")
+        await asyncio.sleep(0.1)
+
+
 async def test_metrics_move_with_a_workflow() -> None:
     port = free_port()
     async with running_stack(http_port=port) as s:
         before = await scrape(port)
         wid = await s.workflow(["build", "deploy"])
         await s.start(wid, etcd_token=s.deploy_token)
-        await s.echo(await s.take("1", "builder", wid))
+        build = await s.take("1", "builder", wid)
+        await until_metric(port, "wo_active_workflows", 1)
+        await s.echo(build)
         await s.echo(await s.take("1", "deployer", wid))
         await s.wait_finished(wid)
+        await until_metric(port, "wo_active_workflows", 0)
         await s.echo({"id": wid, "current_step": "deploy", "dispatch_id": "stale-one",
                       "workflow_orchestration_exchange_id": "1"})
         deadline = time.monotonic() + 10
