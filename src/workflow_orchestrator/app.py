@@ -86,7 +86,7 @@ class Service:
 
     async def _start_consumer(self) -> None:
         s = self.settings
-        route = await self.resolver.route(s.exchange_id, s.queue_name)
+        route = await self.resolver.own_route(s.queue_name)
         try:
             self.consumer_conn = await aio_pika.connect_robust(
                 route.url, client_properties={"connection_name": f"workflow-orchestrator@{s.hostname} consumer"})

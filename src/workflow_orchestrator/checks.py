@@ -27,8 +27,8 @@ async def live_checks(settings: Settings) -> dict[str, dict[str, Any]]:
             out["manager"] = {"ok": False, "detail": redact_text(str(exc) or type(exc).__name__)}
         try:
             amqp = settings.amqp_url.get_secret_value() if settings.amqp_url else None
-            route = await Resolver(manager, settings.exchange_id, settings.broker_id, amqp).route(
-                settings.exchange_id, settings.queue_name)
+            route = await Resolver(manager, settings.exchange_id, settings.broker_id, amqp).own_route(
+                settings.queue_name)
             conn = await asyncio.wait_for(aio_pika.connect(route.url, timeout=5), 10)
             await conn.close()
             out["amqp"] = {"ok": True, "detail": f"connected; orchestration queue {route.routing_key}"}

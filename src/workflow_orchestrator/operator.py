@@ -224,7 +224,7 @@ async def _error_queue(settings: Settings) -> AsyncIterator[tuple[Route, Abstrac
     try:
         async with _friendly():
             resolver = Resolver(manager, settings.exchange_id, settings.broker_id, _amqp_url(settings))
-            route = await resolver.route(settings.exchange_id, settings.queue_name)
+            route = await resolver.own_route(settings.queue_name)
             conn = await _connect(route)
             try:
                 yield route, conn

@@ -138,7 +138,7 @@ class Worker:
         """Declare and consume the queue, then register the module."""
         try:
             resolver = Resolver(self.manager, self.exchange_id, self.broker_id, self.amqp_url)
-            self.route = route = await resolver.route(self.exchange_id, self.queue)
+            self.route = route = await resolver.own_route(self.queue)
             self._conn = await self._connect(route)
             self._consumer = Consumer(self._conn, route, self._on_message, prefetch=self.prefetch,
                                       queue_type=self.queue_type, delivery_limit=self.delivery_limit)

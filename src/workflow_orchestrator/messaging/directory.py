@@ -43,13 +43,20 @@ class Resolver:
         self.amqp_url = amqp_url
 
     async def route(self, exchange_id: str, queue: str) -> Route:
+        """Where to publish to `queue` of an exchange: its broker chosen as OpenAperture does."""
+        return await self._route(exchange_id, queue, None)
+
+    async def own_route(self, queue: str) -> Route:
+        """`queue` of this instance's exchange on this instance's broker (BROKER_ID): where it consumes."""
+        return await self._route(self.own_exchange_id, queue, self.own_broker_id)
+
+    async def _route(self, exchange_id: str, queue: str, broker_id: str | None) -> Route:
         exchange = await self.directory.get_exchange(exchange_id)
         name = queue_name(exchange.get("routing_key"), queue)
         root = str(exchange.get("root_exchange_name") or "")
         if self.amqp_url:
             return Route(root, name, self.amqp_url)
-        broker_id = await self._broker_for(exchange_id)
-        primary, failover = await self._urls(broker_id)
+        primary, failover = await self._urls(broker_id or await self._broker_for(exchange_id))
         return Route(root, name, primary, failover)
 
     async def _broker_for(self, exchange_id: str) -> str:
