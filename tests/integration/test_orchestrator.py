@@ -13,7 +13,10 @@ import aio_pika
 import aiormq
 import pytest
 
+from tests.support.services import AMQP_URL
 from tests.support.stack import Stack, running_stack
+from workflow_orchestrator.messaging.broker import BrokerPool, OutMessage, Publisher
+from workflow_orchestrator.messaging.directory import Resolver
 from workflow_orchestrator.messaging.topology import error_queue_arguments, error_queue_name, queue_arguments
 
 ROUTING = {
@@ -294,3 +297,21 @@ async def test_on_quorum_queues_a_workflow_runs_and_a_poison_message_is_parked()
         assert deliveries == 4, "delivered once, then redelivered up to the limit of 3"
         parked = await s.take("1", "builder_error", poison)
         assert parked["current_step"] == "build"
+
+
+async def test_a_steps_messages_reach_the_broker_in_their_order() -> None:
+    """publish_all writes in list order even when the routes are not yet known or declared (cold
+    lookups and declarations wait), so chat notifications arrive in the order of the events."""
+    async with running_stack(start=False) as s:
+        wid = str(uuid.uuid4())
+        queues = ["notifications_hipchat", "builder", "notifications_email"]
+        messages = [OutMessage("1", queues[i % 3], {"id": wid, "n": i}, "test.order", str(uuid.uuid4()), wid)
+                    for i in range(30)]
+        pool = BrokerPool("order-test")
+        try:
+            await Publisher(Resolver(s.manager, "1", "1", AMQP_URL), pool).publish_all(messages)
+        finally:
+            await pool.close()
+        for q in queues:
+            got = [m["n"] for m in await s.drain("1", q) if m.get("id") == wid]
+            assert got == [i for i in range(30) if queues[i % 3] == q], q

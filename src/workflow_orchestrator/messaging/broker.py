@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -125,6 +125,41 @@ class Publisher:
         self.observe = observe
 
     async def publish(self, msg: OutMessage) -> None:
+        route, link = await self._target(msg)
+        await self._send(msg, route, link)
+
+    async def publish_all(self, messages: list[OutMessage], attempts: int = 1) -> None:
+        """Publish and wait for every confirm. The messages reach the broker in list order (a
+        workflow's chat notifications arrive in the order of its events); their confirms are awaited
+        together. Broker hiccups are retried briefly, re-sending only the unconfirmed messages;
+        raises PublishFailed if some stay unconfirmed."""
+        remaining = messages
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(min(0.2 * 2 ** attempt, 2.0))
+            # Where each message goes is settled first, one after the other (lookups, declarations:
+            # these may wait); then the sends start in order, and each writes its frames before its
+            # first wait, so no message can overtake an earlier one.
+            sends: list[Awaitable[None]] = []
+            for m in remaining:
+                try:
+                    route, link = await self._target(m)
+                except PublishFailed as exc:
+                    sends.append(_raise(exc))
+                else:
+                    sends.append(self._send(m, route, link))
+            results = await asyncio.gather(*sends, return_exceptions=True)
+            failed = [(m, r) for m, r in zip(remaining, results, strict=True) if isinstance(r, BaseException)]
+            for _, r in failed:
+                if not isinstance(r, PublishFailed):
+                    raise r
+            if not failed:
+                return
+            remaining = [m for m, _ in failed]
+        raise failed[0][1]
+
+    async def _target(self, msg: OutMessage) -> tuple[Route, _Link]:
+        """The route of a message and the link to its broker, its queues declared."""
         try:
             route = await self.resolver.route(msg.exchange_id, msg.queue)
         except LookupError as exc:
@@ -133,8 +168,12 @@ class Publisher:
         key = (route.exchange_name, route.routing_key)
         if key not in link.declared:
             async with link.lock:
-                await declare_route(link.channel, route, self.queue_type, self.delivery_limit)
-                link.declared.add(key)
+                if key not in link.declared:
+                    await declare_route(link.channel, route, self.queue_type, self.delivery_limit)
+                    link.declared.add(key)
+        return route, link
+
+    async def _send(self, msg: OutMessage, route: Route, link: _Link) -> None:
         # aiormq directly, with wait=False: the confirm is still awaited, but not the socket drain, so
         # concurrent publishes on the shared channel do not queue behind each other's drain (each
         # held the channel's lock for two turns of the event loop), and no aio_pika.Message is built.
@@ -158,19 +197,6 @@ class Publisher:
         if self.observe is not None:
             self.observe(time.perf_counter() - started)
 
-    async def publish_all(self, messages: list[OutMessage], attempts: int = 1) -> None:
-        """Publish concurrently and wait for every confirm. Broker hiccups are retried briefly,
-        re-sending only the unconfirmed messages; raises PublishFailed if some stay unconfirmed."""
-        remaining = messages
-        for attempt in range(attempts):
-            if attempt:
-                await asyncio.sleep(min(0.2 * 2 ** attempt, 2.0))
-            results = await asyncio.gather(*(self.publish(m) for m in remaining), return_exceptions=True)
-            failed = [(m, r) for m, r in zip(remaining, results, strict=True) if isinstance(r, BaseException)]
-            for _, r in failed:
-                if not isinstance(r, PublishFailed):
-                    raise r
-            if not failed:
-                return
-            remaining = [m for m, _ in failed]
-        raise failed[0][1]
+
+async def _raise(exc: BaseException) -> None:
+    raise exc
