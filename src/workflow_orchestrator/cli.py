@@ -11,7 +11,7 @@ from typing import Any, NoReturn, TypeVar, cast
 import typer
 from pydantic import ValidationError
 
-from workflow_orchestrator.settings import ConfigError, Settings, load_settings
+from workflow_orchestrator.settings import ConfigError, Settings, describe, load_settings
 
 T = TypeVar("T")
 
@@ -107,9 +107,7 @@ def sandbox_manager() -> None:
     try:
         sandbox_settings = SandboxSettings()
     except ValidationError as exc:
-        problems = "; ".join(f"SANDBOX_{'__'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-                             for e in exc.errors())
-        fail(f"invalid sandbox configuration: {problems}", 2)
+        fail(f"invalid sandbox configuration: {describe(exc, 'SANDBOX_')}", 2)
     try:
         run_async(serve(sandbox_settings))
     except SandboxStartError as exc:

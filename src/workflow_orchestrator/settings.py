@@ -171,13 +171,19 @@ def load_settings(**overrides: Any) -> Settings:
     except OSError as exc:  # e.g. the config file exists but cannot be read
         raise ConfigError(f"invalid configuration: {exc.strerror or exc}: {exc.filename}") from None
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = "__".join(str(p) for p in err["loc"]).upper() or "?"
-            msg = err["msg"]
-            if err["type"] == "missing":
-                msg = "is required"
-            elif err["type"] == "extra_forbidden":
-                msg = "is not a known setting"
-            problems.append(f"{loc} {msg}")
-        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+        raise ConfigError(f"invalid configuration: {describe(exc)}") from None
+
+
+def describe(exc: ValidationError, prefix: str = "") -> str:
+    """Every bad setting of a pydantic-settings error, named as its environment variable
+    (`prefix` + the field path joined by `__`, upper case), on one line."""
+    problems = []
+    for err in exc.errors():
+        loc = prefix + "__".join(str(p) for p in err["loc"]).upper() or "?"
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = "is required"
+        elif err["type"] == "extra_forbidden":
+            msg = "is not a known setting"
+        problems.append(f"{loc} {msg}")
+    return "; ".join(problems)
