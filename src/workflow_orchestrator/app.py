@@ -53,6 +53,7 @@ class Service:
         self.metrics = Metrics()
         self.manager = manager_client(settings, self.metrics)
         self.ledger = Ledger(settings.database_url.get_secret_value(), max_size=settings.prefetch + 8,
+                             replica=settings.hostname,
                              observe=self.metrics.observe_ledger_round_trip)
         amqp = settings.amqp_url.get_secret_value() if settings.amqp_url else None
         self.resolver = Resolver(self.manager, settings.exchange_id, settings.broker_id, amqp)

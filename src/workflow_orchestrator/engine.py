@@ -15,12 +15,13 @@ import structlog
 from pydantic import ValidationError
 
 from workflow_orchestrator import jsonio
-from workflow_orchestrator.domain.decide import decide
+from workflow_orchestrator.domain.decide import decide, trigger_name
 from workflow_orchestrator.domain.models import (
     WORKFLOW_FIELDS,
     Config,
     Decision,
     Delivery,
+    HistoryEntry,
     IncomingMessage,
     NeedFact,
     Policy,
@@ -39,6 +40,9 @@ log = structlog.get_logger("workflow_orchestrator.engine")
 
 Clock = Callable[[], datetime]
 DeadLetter = Callable[[bytes, str | None, str], Awaitable[None]]  # body, message_id, reason
+
+
+HEARTBEAT_DETAILS_MAX = 4096  # bytes of a heartbeat's `details` as JSON (SPEC §12)
 
 
 class BadInput(Exception):
@@ -60,7 +64,8 @@ def config_from(settings: Settings) -> Config:
         queue_name=settings.queue_name,
         ui_url=settings.ui_url,
         policies={
-            name: Policy(p.timeout.total_seconds(), p.retries, p.retry_backoff.total_seconds())
+            name: Policy(p.timeout.total_seconds(), p.retries, p.retry_backoff.total_seconds(),
+                         p.heartbeat_timeout.total_seconds() if p.heartbeat_timeout is not None else None)
             for name, p in settings.milestones.items()
         },
     )
@@ -152,12 +157,37 @@ class Engine:
             payload, msg = parse_body(raw, self.settings.max_message_bytes)
             structlog.contextvars.bind_contextvars(workflow_id=msg.id, dispatch_id=msg.dispatch_id,
                                                    milestone=msg.current_step)
-            await self._process(Delivery(payload), msg.id, key)
+            if msg.action == "heartbeat":
+                await self._heartbeat(payload, msg, message_id)
+            else:
+                await self._process(Delivery(payload), msg.id, key, message_id=message_id)
             return ACK
         except BadInput as exc:
             return await self._bad_input(raw, message_id, str(exc))
         except Transient as exc:
             return await self._defer(raw, message_id, attempt, str(exc))
+
+    async def _heartbeat(self, payload: dict[str, Any], msg: IncomingMessage, message_id: str | None) -> None:
+        """A worker's heartbeat (SPEC §12): one ledger round trip; no Manager call, event or notification."""
+        if not msg.dispatch_id:
+            raise BadInput("a heartbeat needs the dispatch_id of the milestone it is about")
+        details = payload.get("details")
+        size = len(jsonio.dumps(details))
+        if size > HEARTBEAT_DETAILS_MAX:
+            raise BadInput(f"heartbeat details are {size} bytes, over the {HEARTBEAT_DETAILS_MAX}-byte limit")
+        try:
+            why = await self.ledger.heartbeat(msg.id, msg.dispatch_id, details, message_id)
+        except LedgerRejected as exc:
+            raise BadInput(str(exc)) from None
+        except (TimeoutError, OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise Transient(f"ledger unavailable: {type(exc).__name__}: {exc}") from None
+        except asyncpg.DataError as exc:
+            raise BadInput(f"the ledger refused the heartbeat: {exc}") from None
+        outcome = "current" if why is None else "stale"
+        self.metrics.heartbeats.labels(outcome).inc()
+        self._count("heartbeat" if why is None else "stale")
+        if why is not None:
+            log.info("stale heartbeat ignored", why=why)
 
     async def _bad_input(self, raw: bytes, message_id: str | None, reason: str) -> Outcome:
         log.warning("bad input dead-lettered", reason=reason, size=len(raw))
@@ -228,12 +258,15 @@ class Engine:
             structlog.contextvars.clear_contextvars()
 
     # ---- the step ------------------------------------------------------------------------
-    async def _process(self, trigger: Trigger, wid: str, key: str, timer_id: int | None = None) -> None:
+    async def _process(self, trigger: Trigger, wid: str, key: str, timer_id: int | None = None,
+                       message_id: str | None = None) -> None:
         try:
             async with self.ledger.session(wid, key) as s:
                 if s.own is not None and s.own.done:
-                    self._count("duplicate")
+                    self._count("duplicate", trigger)
                     log.info("duplicate message ignored")
+                    await s.note(_history(trigger, "duplicate", message_id,
+                                          {"why": f"message {message_id or key} was already processed"}))
                     return
                 pending = s.pending
                 for row in pending:  # earlier decisions of this workflow first (SPEC §6)
@@ -253,14 +286,18 @@ class Engine:
                     raise BadInput(f"unknown workflow {wid}") from None
                 decision = await self._decide(trigger, record, run, key)
                 if decision.outcome != "processed":
-                    self._count(decision.outcome)
-                    if timer_id is not None:
+                    self._count(decision.outcome, trigger)
+                    if timer_id is not None and decision.retry_timer_at is not None:
+                        await self.ledger.release_timer(timer_id, decision.retry_timer_at)
+                    elif timer_id is not None:
                         await self.ledger.delete_timer(timer_id)
                     log.info("ignored", outcome=decision.outcome, why=decision.note)
+                    await s.note(_history(trigger, decision.outcome, message_id, {"why": decision.note}))
                     return
-                row = await s.record(decision)
+                row = await s.record(decision, _history(trigger, "decided", message_id, decided_detail(decision)))
                 await self._apply(s, wid, row)
                 self._observe(decision, run)
+                self._count_control(trigger, "applied")
         except (TransientManagerError, PublishFailed) as exc:
             raise Transient(str(exc)) from None
         except ManagerError as exc:
@@ -305,12 +342,18 @@ class Engine:
         await self.publisher.publish_all(messages, attempts=3)
         s.mark_done(row.seq)
 
-    def _count(self, outcome: str) -> None:
+    def _count(self, outcome: str, trigger: Trigger | None = None) -> None:
+        if trigger is not None:
+            self._count_control(trigger, outcome)
         self.metrics.messages.labels(outcome).inc()
         if outcome == "stale":
             self.metrics.stale.inc()
         elif outcome == "duplicate":
             self.metrics.duplicates.inc()
+
+    def _count_control(self, trigger: Trigger, outcome: str) -> None:
+        if isinstance(trigger, Delivery) and trigger.body.get("action"):
+            self.metrics.control.labels(str(trigger.body["action"]), outcome).inc()
 
     def _observe(self, decision: Decision, before: Run | None) -> None:
         self.metrics.messages.labels("processed").inc()
@@ -325,3 +368,35 @@ class Engine:
         log.info("processed", events=len(decision.events), dispatched=decision.dispatched,
                  finished=decision.finished, step=run.current_step if run else None,
                  previous_step=before.current_step if before else None)
+
+
+def _history(trigger: Trigger, outcome: str, message_id: str | None, detail: dict[str, Any]) -> HistoryEntry:
+    dispatch_id: Any
+    by: Any
+    if isinstance(trigger, TimerFired):
+        dispatch_id, by = trigger.token, None
+    else:
+        dispatch_id, by = trigger.body.get("dispatch_id"), trigger.body.get("requested_by")
+    return HistoryEntry(trigger_name(trigger), outcome, message_id,  # type: ignore[arg-type]
+                        None if dispatch_id is None else str(dispatch_id), None if by is None else str(by), detail)
+
+
+def decided_detail(decision: Decision) -> dict[str, Any]:
+    """What a decision did, for the history (SPEC §13): events, messages, timers, the run after it."""
+    run = decision.run
+    return {
+        "events": decision.events,
+        "messages": [{"queue": m.queue, "type": m.type, "exchange_id": m.exchange_id,
+                      "dispatch_id": m.body.get("dispatch_id") if m.type.endswith(".request") else None}
+                     for m in decision.messages],
+        "timers_set": [{"kind": t.kind, "due_at": t.due_at.isoformat()} for t in decision.timers],
+        "timers_cleared": decision.cancel_timers,
+        "dispatched": decision.dispatched,
+        "completed_steps": [[step, seconds] for step, seconds in decision.completed_steps],
+        "finished": decision.finished,
+        "step": run.current_step if run else None,
+        "phase": run.phase if run else None,
+        "attempt": run.attempt if run else None,
+        "paused": run.paused if run else None,
+        "held_step": run.held_step if run else None,
+    }

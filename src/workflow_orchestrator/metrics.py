@@ -38,6 +38,11 @@ class Metrics:
                                          "Ledger operations (enter, record, leave) carried by those round trips",
                                          registry=r)
 
+        self.control = Counter("wo_control_messages_total", "Control messages (SPEC §12), by action and outcome",
+                               ["action", "outcome"], registry=r)
+        self.heartbeats = Counter("wo_heartbeats_total", "Worker heartbeats, by outcome (current, stale)",
+                                  ["outcome"], registry=r)
+
     def observe_manager(self, endpoint: str, status: str, seconds: float) -> None:
         self.manager_seconds.labels(endpoint, status).observe(seconds)
 

@@ -189,7 +189,7 @@ async def in_flight(settings: Settings) -> list[dict[str, Any]]:
     now = datetime.now(UTC)
     async with _friendly():
         try:
-            await ledger.start()
+            await ledger.start(read_only=True)
             rows = await ledger.active_runs()
         finally:
             await ledger.close()

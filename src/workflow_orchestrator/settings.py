@@ -48,6 +48,7 @@ class MilestonePolicy(BaseModel):
     timeout: Duration = timedelta(hours=1)
     retries: int = Field(default=0, ge=0)
     retry_backoff: Duration = timedelta(seconds=30)
+    heartbeat_timeout: Duration | None = None  # SPEC §12: no heartbeat or callback for this long fails it
 
 
 def _default_milestones() -> dict[str, MilestonePolicy]:

@@ -81,9 +81,9 @@ async def test_metrics_move_with_a_workflow() -> None:
         assert delta("wo_manager_request_seconds_count", endpoint="/workflows/{id}", status="204") == 3
         assert delta("wo_publish_confirm_seconds_count") >= 2 + 8, "two dispatches and eight chat events"
         assert delta("wo_stale_total") == 1
-        # three steps (enter, record, leave) and the stale callback (enter, leave)
-        assert delta("wo_ledger_operations_total") == 3 * 3 + 2
-        assert 1 <= delta("wo_ledger_round_trips_total") <= 11
+        # three steps (enter, record, leave) and the stale callback (enter, its history note, leave)
+        assert delta("wo_ledger_operations_total") == 3 * 3 + 3
+        assert 1 <= delta("wo_ledger_round_trips_total") <= 12
 
 
 async def readyz(port: int) -> tuple[int, dict[str, object]]:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from workflow_orchestrator.domain.decide import decide
-from workflow_orchestrator.domain.events import parse_time
+from workflow_orchestrator.domain.events import iso, parse_time
 from workflow_orchestrator.domain.models import (
     Config,
     Decision,
@@ -904,7 +904,9 @@ def test_timeout_of_a_retried_dispatch_counts_from_that_dispatch() -> None:
     d = flow.fire("timeout", timeout.token, timeout.due_at)
 
     assert_failed(d)
-    assert d.events == failure_events("build", "Milestone build timed out after 10 minute(s)", "16 minute(s)")
+    # The retry started the milestone again (SPEC §5.6), so its duration counts from the re-dispatch.
+    assert d.events == failure_events("build", "Milestone build timed out after 10 minute(s)", "16 minute(s)",
+                                      "10 minute(s)")
 
 
 def test_callback_after_the_timeout_is_stale() -> None:
@@ -949,7 +951,9 @@ def test_failed_milestone_with_retries_left_is_dispatched_again() -> None:
 
     d = flow.fire("retry", retry.token, retry.due_at)
     assert d.outcome == "processed"
-    assert d.events == [BUILD_DISPATCH]
+    # The re-dispatch starts the milestone like any other (SPEC §5.6).
+    assert d.events == ["Starting Workflow Milestone: build", BUILD_DISPATCH]
+    assert d.record is not None and d.record["step_time"] == iso(retry.due_at)
     second = the_dispatch(d)
     assert (second.exchange_id, second.queue) == ("2", "builder")
     assert second.body["dispatch_id"] != first.body["dispatch_id"]
@@ -961,7 +965,7 @@ def test_failed_milestone_with_retries_left_is_dispatched_again() -> None:
     assert_ignored(flow.send(callback(first), NOW + timedelta(minutes=6)), "stale")
 
     d = flow.send(callback(second), NOW + timedelta(minutes=15))
-    assert d.events == ["Completed Workflow Milestone: build, in 15 minute(s)", "Starting Workflow Milestone: deploy",
+    assert d.events == ["Completed Workflow Milestone: build, in 10 minute(s)", "Starting Workflow Milestone: deploy",
                         DEPLOY_DISPATCH]
 
 
@@ -973,7 +977,8 @@ def test_failure_after_the_last_retry_fails_the_workflow() -> None:
     d = flow.send(failed_callback(second), NOW + timedelta(minutes=10))
 
     assert_failed(d)
-    assert d.events == failure_events("build", WORKER_FAILURE, "10 minute(s)")
+    # The step's duration counts from the retry's start at 5 min 30 s.
+    assert d.events == failure_events("build", WORKER_FAILURE, "10 minute(s)", "5 minute(s)")
 
 
 def test_attempt_count_and_backoff_text() -> None:

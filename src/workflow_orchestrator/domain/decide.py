@@ -66,9 +66,33 @@ def decide(
         return need.need
 
 
+CONTROL_ACTIONS: tuple[str, ...] = ("cancel", "pause", "resume", "retry", "heartbeat")
+
+
 def is_start(body: Mapping[str, Any]) -> bool:
     """A message that names no dispatch and no current step asks to start the workflow."""
-    return not body.get("dispatch_id") and not body.get("current_step") and body.get("action") != "cancel"
+    return not body.get("dispatch_id") and not body.get("current_step") and not body.get("action")
+
+
+def trigger_name(trigger: Trigger) -> str:
+    """The history's name of a trigger (SPEC §13)."""
+    if isinstance(trigger, TimerFired):
+        return f"timer:{trigger.kind}"
+    action = trigger.body.get("action")
+    if action == "heartbeat":
+        return "heartbeat"
+    if action:
+        return f"control:{action}"
+    return "start" if is_start(trigger.body) else "callback"
+
+
+def _who(body: Mapping[str, Any]) -> str:
+    return str(body.get("requested_by") or "unknown")
+
+
+def _because(body: Mapping[str, Any]) -> str:
+    reason = body.get("reason")
+    return f": {reason}" if reason else ""
 
 
 class _Step:
@@ -94,6 +118,12 @@ class _Step:
         self.dispatch_id: str | None = run.dispatch_id if run else None
         self.attempt = run.attempt if run else 1
         self.dispatched_at = run.dispatched_at if run else None
+        self.paused = run.paused if run else False
+        self.held_step = run.held_step if run else None
+        self.deadline = run.deadline if run else None
+        self.heartbeat_timeout = run.heartbeat_timeout if run else None
+        self.cancel_timers = True  # a pause or a resume with nothing held leaves the timers as they are
+        self.retry_timer_at: datetime | None = None
         self.step_time: datetime | None = None
         self.start_time: datetime = now
         self.finished: str | None = None
@@ -105,13 +135,9 @@ class _Step:
         if isinstance(t, TimerFired):
             return self._timer(t)
         body = t.body
-        if body.get("action") == "cancel":
-            if self._finished():
-                return self._ignore("stale", "cancel of a finished workflow")
-            self._begin(None)
-            reason = body.get("reason") or "no reason given"
-            self._fail(f"Workflow cancelled: {reason}")
-            return self._result()
+        action = body.get("action")
+        if action:
+            return self._control(str(action), body)
         if is_start(body):
             if self.run is not None or self.record.get("current_step") or self.record.get("workflow_completed"):
                 return self._ignore("duplicate", "start of a workflow that has already started")
@@ -127,6 +153,81 @@ class _Step:
             self._advance()
         return self._result()
 
+    # ---- operator control (SPEC §12) -----------------------------------------------------
+    def _control(self, action: str, body: Mapping[str, Any]) -> Decision:
+        if action == "cancel":
+            if self._finished():
+                return self._ignore("stale", "cancel of a finished workflow")
+            self._begin(None)
+            reason = body.get("reason") or "no reason given"
+            by = body.get("requested_by")
+            self._fail(f"Workflow cancelled by {by}: {reason}" if by else f"Workflow cancelled: {reason}")
+            return self._result()
+        if action == "pause":
+            if (why := self._not_running()) is not None:
+                return self._ignore("stale", f"pause of a workflow that {why}")
+            if self.paused:
+                return self._ignore("stale", "pause of a workflow that is already paused")
+            self._begin(None)
+            self.paused = True
+            self.cancel_timers = False
+            self._event(f"Workflow paused by {_who(body)}{_because(body)}")
+            return self._result()
+        if action == "resume":
+            if self._finished():
+                return self._ignore("stale", "resume of a finished workflow")
+            if not self.paused:
+                return self._ignore("stale", "resume of a workflow that is not paused")
+            self._begin(None)
+            self.paused = False
+            self._event(f"Workflow resumed by {_who(body)}{_because(body)}")
+            held, self.held_step = self.held_step, None
+            if self.phase == "held" and held:
+                self._start(held)
+            else:
+                self.cancel_timers = False
+            return self._result()
+        if action == "retry":
+            return self._retry(body)
+        return self._ignore("stale", f"unknown action {action}")
+
+    def _not_running(self) -> str | None:
+        if self._finished():
+            return "has finished"
+        if self.run is None and not self.record.get("current_step"):
+            return "has not started"
+        return None
+
+    def _retry(self, body: Mapping[str, Any]) -> Decision:
+        """Retry a failed workflow from its failed milestone, or re-run a finished one from `from_step`."""
+        if not self._finished():
+            return self._ignore("stale", "retry of a workflow that has not finished")
+        milestones = [str(m) for m in self.record.get("milestones") or []]
+        from_step = body.get("from_step")
+        if from_step:
+            if from_step not in milestones:
+                return self._ignore("stale", f"from_step {from_step} is not one of the workflow's milestones "
+                                             f"({', '.join(milestones) or 'none'})")
+            step = str(from_step)
+        else:
+            failed = self.run.result == "failed" if self.run is not None else bool(self.record.get("workflow_error"))
+            if not failed:
+                return self._ignore("stale", "retry of a workflow that succeeded (name a milestone with from_step "
+                                             "to re-run it)")
+            if not milestones:
+                return self._ignore("stale", "retry of a workflow without milestones")
+            current = (self.run.current_step if self.run is not None else None) or self.record.get("current_step")
+            step = str(current) if current in milestones else milestones[0]
+        self._begin(None)
+        wf = self.wf
+        wf["workflow_completed"] = False
+        wf["workflow_error"] = False
+        wf["workflow_duration"] = None
+        self.paused, self.held_step, self.attempt = False, None, 1
+        self._event(f"Workflow retried from milestone {step} by {_who(body)}{_because(body)}")
+        self._start(step)
+        return self._result()
+
     def _finished(self) -> bool:
         if self.run is not None:
             return self.run.phase == "finished"
@@ -136,6 +237,8 @@ class _Step:
         if self._finished():
             return "callback for a finished workflow"
         run = self.run
+        if run is not None and run.phase == "held":
+            return f"no milestone is in flight: the workflow is paused and holds milestone {run.held_step}"
         if body.get("dispatch_id") and run is not None and run.dispatch_id:
             if body["dispatch_id"] != run.dispatch_id or run.phase != "dispatched":
                 return f"dispatch {body['dispatch_id']} is not the current dispatch {run.dispatch_id}"
@@ -147,17 +250,30 @@ class _Step:
 
     def _timer(self, t: TimerFired) -> Decision:
         run = self.run
-        expected: dict[str, Phase] = {"scheduled": "waiting", "timeout": "dispatched", "retry": "backoff"}
+        expected: dict[str, Phase] = {"scheduled": "waiting", "timeout": "dispatched", "retry": "backoff",
+                                      "heartbeat": "dispatched"}
         if run is None or run.dispatch_id != t.token or run.phase != expected[t.kind]:
             return self._ignore("stale", f"{t.kind} timer is no longer current")
+        if t.kind == "heartbeat":
+            last = run.heartbeat_at or run.dispatched_at
+            if run.heartbeat_timeout is None or last is None:
+                return self._ignore("stale", "the milestone has no heartbeat timeout")
+            due = last + timedelta(seconds=run.heartbeat_timeout)
+            if due > self.now:  # a heartbeat came since the timer was armed: not due yet
+                decision = self._ignore("stale", "a heartbeat came since; the timer is re-armed")
+                decision.retry_timer_at = due
+                return decision
         self._begin(None)
         step = str(self.wf["current_step"])
         if t.kind == "scheduled":
             self._scheduled()
         elif t.kind == "timeout":
             self._fail_or_retry(f"Milestone {step} timed out after {elapsed_since(run.dispatched_at, self.now)}")
+        elif t.kind == "heartbeat":
+            last = run.heartbeat_at or run.dispatched_at
+            self._fail_or_retry(f"Milestone {step} sent no heartbeat for {elapsed_since(last, self.now)}")
         else:
-            self._run_milestone(step)
+            self._start(step)  # the retry's re-dispatch starts the milestone like any other (SPEC §5.6)
         return self._result()
 
     # ---- state ---------------------------------------------------------------------------
@@ -232,13 +348,21 @@ class _Step:
             self._event(f"Workflow completed in {wf['workflow_duration']}")
             self._finish()
             return
-        nxt = milestones[nxt_index]
-        self.step_time = self.now
-        wf["step_time"] = iso(self.now)
-        self._event(f"Starting Workflow Milestone: {nxt}")
-        wf["current_step"] = nxt
         self.attempt = 1
-        self._run_milestone(nxt)
+        self._start(milestones[nxt_index])
+
+    def _start(self, step: str) -> None:
+        """Start a milestone, or hold it while the workflow is paused (SPEC §12): `current_step`
+        then stays the last completed (or, for a retry, the failed) milestone."""
+        if self.paused:
+            self._event(f"Workflow is paused; milestone {step} will start when it is resumed")
+            self.phase, self.held_step = "held", step
+            return
+        self.step_time = self.now
+        self.wf["step_time"] = iso(self.now)
+        self._event(f"Starting Workflow Milestone: {step}")
+        self.wf["current_step"] = step
+        self._run_milestone(step)
 
     def _complete_step(self, step: str) -> None:
         took = elapsed_since(self.step_time, self.now)
@@ -337,8 +461,13 @@ class _Step:
         self.pending_dispatch = (exchange, queue, dispatch_id)
         self.dispatched.append(step)
         self.phase, self.dispatch_id, self.dispatched_at = "dispatched", dispatch_id, self.now
-        timeout = self.config.policy(step).timeout_seconds
-        self.timers.append(TimerSpec("timeout", self.now + timedelta(seconds=timeout), dispatch_id))
+        policy = self.config.policy(step)
+        self.deadline = self.now + timedelta(seconds=policy.timeout_seconds)
+        self.timers.append(TimerSpec("timeout", self.deadline, dispatch_id))
+        self.heartbeat_timeout = policy.heartbeat_timeout_seconds
+        if self.heartbeat_timeout is not None:
+            self.timers.append(TimerSpec("heartbeat", self.now + timedelta(seconds=self.heartbeat_timeout),
+                                         dispatch_id))
 
     # ---- failure and finish --------------------------------------------------------------
     def _fail_or_retry(self, reason: str) -> None:
@@ -359,13 +488,16 @@ class _Step:
 
     def _fail(self, reason: str) -> None:
         wf = self.wf
+        started = True
+        if self.phase == "held" and self.held_step:  # the held milestone fails without having started
+            wf["current_step"], self.held_step, started = self.held_step, None, False
         step = wf.get("current_step")
         self._event(f"Workflow Milestone Failed: {step or '(not started)'}. Reason: {reason}", success=False)
         wf["workflow_completed"] = True
         wf["workflow_error"] = True
         wf["workflow_duration"] = elapsed_since(self.start_time, self.now)
         self._event(f"Workflow has failed in {wf['workflow_duration']}", success=False)
-        if step:
+        if step and started:
             self._complete_step(str(step))
         self.pending_dispatch = None
         self._finish()
@@ -374,6 +506,7 @@ class _Step:
         wf = self.wf
         self.finished = "failed" if wf["workflow_error"] else "completed"
         self.phase = "finished"
+        self.paused, self.held_step = False, None
         recipients = self._email_recipients()
         if recipients:
             self._event("Sending on_workflow_completed email notification to the following recipient(s): "
@@ -426,6 +559,13 @@ class _Step:
             step_time=self.step_time,
             dispatched_at=self.dispatched_at,
             request=self.request,
+            deployment_repo=_text(wf.get("deployment_repo")) or None,
+            milestones=tuple(str(m) for m in wf.get("milestones") or []),
+            result=None if self.phase != "finished" else "failed" if wf["workflow_error"] else "succeeded",
+            paused=self.paused,
+            held_step=self.held_step,
+            deadline=self.deadline if self.phase == "dispatched" else None,
+            heartbeat_timeout=self.heartbeat_timeout if self.phase == "dispatched" else None,
         )
         return Decision(
             outcome="processed",
@@ -434,7 +574,7 @@ class _Step:
             messages=self.outgoing,
             run=run,
             timers=[] if self.phase == "finished" else self.timers,
-            cancel_timers=True,
+            cancel_timers=self.cancel_timers,
             events=self.events,
             dispatched=self.dispatched,
             finished=self.finished,  # type: ignore[arg-type]

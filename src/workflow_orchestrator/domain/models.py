@@ -16,7 +16,8 @@ WORKFLOW_FIELDS: tuple[str, ...] = (
     "workflow_start_time", "step_time", "scheduled_start_time", "execute_options",
 )
 # Payload keys that belong to one message only and are never carried into the next one.
-TRANSIENT_FIELDS: frozenset[str] = frozenset({"dispatch_id", "action", "reason", "workflow_id"})
+TRANSIENT_FIELDS: frozenset[str] = frozenset({"dispatch_id", "action", "reason", "workflow_id", "requested_by",
+                                             "from_step", "details"})
 # Taken from the record and the run, never from a message (SPEC §5.0).
 PROTECTED_FIELDS: frozenset[str] = frozenset({"id", "milestones", "current_step"})
 
@@ -27,7 +28,10 @@ MILESTONE_QUEUES: dict[str, str] = {
 }
 KNOWN_MILESTONES: frozenset[str] = frozenset({*MILESTONE_QUEUES, "scheduled"})
 
-Phase = Literal["dispatched", "waiting", "backoff", "finished"]
+# dispatched: a milestone is in flight; waiting: a scheduled start; backoff: a retry is due later;
+# held: a pause holds the milestone that would have started (SPEC §12); finished.
+Phase = Literal["dispatched", "waiting", "backoff", "held", "finished"]
+TimerKind = Literal["scheduled", "timeout", "retry", "heartbeat"]
 
 
 class IncomingMessage(BaseModel):
@@ -47,8 +51,10 @@ class IncomingMessage(BaseModel):
     notifications_config: dict[str, Any] | None = None
     deployable_units: list[Any] | None = None
     dispatch_id: str | None = None
-    action: Literal["cancel"] | None = None
+    action: Literal["cancel", "pause", "resume", "retry", "heartbeat"] | None = None
     reason: str | None = None
+    requested_by: str | None = None
+    from_step: str | None = None
     force_build: StrictBool | None = None
 
     @field_validator("id")
@@ -79,6 +85,16 @@ class Run:
     step_time: datetime | None
     dispatched_at: datetime | None
     request: dict[str, Any] = field(default_factory=dict)
+    # What a list of runs shows without asking the Manager (the console's read model).
+    deployment_repo: str | None = None
+    milestones: tuple[str, ...] = ()
+    result: Literal["succeeded", "failed"] | None = None
+    # Operator control (SPEC §12).
+    paused: bool = False
+    held_step: str | None = None  # the milestone a pause holds; it starts on resume
+    deadline: datetime | None = None  # the current dispatch's timeout
+    heartbeat_timeout: float | None = None  # seconds, of the current dispatch's milestone
+    heartbeat_at: datetime | None = None  # the last heartbeat of the current dispatch (written by heartbeats)
 
 
 @dataclass(frozen=True)
@@ -92,7 +108,7 @@ class Delivery:
 class TimerFired:
     """A durable timer came due. `token` is the run's dispatch_id when it was armed."""
 
-    kind: Literal["scheduled", "timeout", "retry"]
+    kind: TimerKind
     token: str
 
 
@@ -112,7 +128,7 @@ class Outgoing:
 
 @dataclass(frozen=True)
 class TimerSpec:
-    kind: Literal["scheduled", "timeout", "retry"]
+    kind: TimerKind
     due_at: datetime
     token: str
 
@@ -122,6 +138,7 @@ class Policy:
     timeout_seconds: float
     retries: int
     retry_backoff_seconds: float
+    heartbeat_timeout_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -165,3 +182,16 @@ class Decision:
     dispatched: list[str] = field(default_factory=list)  # milestones dispatched (metrics)
     finished: Literal["completed", "failed"] | None = None
     completed_steps: list[tuple[str, float]] = field(default_factory=list)  # (milestone, seconds)
+    retry_timer_at: datetime | None = None  # a stale timer that is not due yet goes back for then
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One line of a workflow's history (SPEC §13): what came, and what became of it."""
+
+    trigger: str  # start, callback, control:{action}, timer:{kind}, heartbeat
+    outcome: Literal["decided", "stale", "duplicate", "deferred", "dead-lettered"]
+    message_id: str | None = None
+    dispatch_id: str | None = None
+    requested_by: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)

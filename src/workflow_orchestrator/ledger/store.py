@@ -18,161 +18,11 @@ import asyncpg
 import structlog
 
 from workflow_orchestrator import jsonio
-from workflow_orchestrator.domain.models import Decision, Run
+from workflow_orchestrator.domain.models import Decision, HistoryEntry, Run
+from workflow_orchestrator.ledger.schema import _MIGRATION_LOCK, MIGRATIONS, VERSION_TABLE, Conn, check_schema, migrate
 
-Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 log = structlog.get_logger(__name__)
-_MIGRATION_LOCK = 0x574F_4C45_4447  # "WOLEDG": serialises migrations of concurrent replicas
 
-MIGRATIONS: list[str] = [
-    # 1: inbox of decisions and their effects, run state, timers; and the three statements of the
-    # hot path, so a step costs three round trips (it took ~12 as separate statements):
-    # wo_enter (lock + state), wo_record (inbox + run + timers), CALL wo_exit (done marks + unlock).
-    """
-    CREATE TABLE runs (
-        workflow_id text PRIMARY KEY,
-        current_step text,
-        dispatch_id text,
-        attempt integer NOT NULL DEFAULT 1,
-        phase text NOT NULL,
-        workflow_start_time timestamptz,
-        step_time timestamptz,
-        dispatched_at timestamptz,
-        request jsonb NOT NULL DEFAULT '{}',
-        created_at timestamptz NOT NULL DEFAULT now(),
-        updated_at timestamptz NOT NULL DEFAULT now()
-    );
-    CREATE INDEX runs_active ON runs (updated_at) WHERE phase <> 'finished';
-    CREATE TABLE inbox (
-        seq bigserial PRIMARY KEY,
-        message_key text NOT NULL UNIQUE,
-        workflow_id text NOT NULL,
-        outcome text NOT NULL,
-        effects json,  -- written once, read only to resume: json spares Postgres the jsonb conversion
-        done boolean NOT NULL DEFAULT false,
-        created_at timestamptz NOT NULL DEFAULT now(),
-        done_at timestamptz
-    );
-    CREATE INDEX inbox_pending ON inbox (workflow_id, seq) WHERE NOT done;
-    CREATE INDEX inbox_done_at ON inbox (done_at) WHERE done;
-    CREATE TABLE timers (
-        id bigserial PRIMARY KEY,
-        workflow_id text NOT NULL,
-        kind text NOT NULL,
-        token text NOT NULL,
-        due_at timestamptz NOT NULL,
-        payload jsonb,
-        locked_until timestamptz
-    );
-    CREATE INDEX timers_due ON timers (due_at);
-    CREATE INDEX timers_workflow ON timers (workflow_id);
-    CREATE FUNCTION wo_state(p_wid text, p_key text) RETURNS jsonb LANGUAGE sql STABLE AS $f$
-        SELECT jsonb_build_object(
-            'rows', coalesce((SELECT jsonb_agg(jsonb_build_object('seq', i.seq, 'message_key', i.message_key,
-                                  'outcome', i.outcome, 'effects', i.effects, 'done', i.done) ORDER BY i.seq)
-                              FROM inbox i WHERE i.message_key = p_key OR (i.workflow_id = p_wid AND NOT i.done)),
-                             '[]'::jsonb),
-            'run', (SELECT to_jsonb(r) FROM runs r WHERE r.workflow_id = p_wid))
-    $f$;
-    CREATE FUNCTION wo_enter(p_wid text, p_key text) RETURNS jsonb LANGUAGE plpgsql AS $f$
-    BEGIN
-        PERFORM pg_advisory_lock(hashtextextended(p_wid, 0));
-        RETURN wo_state(p_wid, p_key);
-    END
-    $f$;
-    -- A procedure, CALLed outside a transaction block, so the done marks are committed BEFORE the
-    -- unlock: the next holder (waiting in wo_enter) must not take its snapshot before that commit,
-    -- or it would see the effects as unfinished and carry them out again.
-    CREATE PROCEDURE wo_exit(p_wid text, p_done bigint[]) LANGUAGE plpgsql AS $f$
-    BEGIN
-        IF cardinality(p_done) > 0 THEN
-            UPDATE inbox SET done = true, done_at = now(), effects = NULL WHERE seq = ANY(p_done);
-        END IF;
-        COMMIT;
-        PERFORM pg_advisory_unlock(hashtextextended(p_wid, 0));
-    END
-    $f$;
-    CREATE FUNCTION wo_record(p_key text, p_wid text, p_outcome text, p_effects json, p_run jsonb,
-                              p_cancel_timers boolean, p_timers jsonb) RETURNS bigint LANGUAGE plpgsql AS $f$
-    DECLARE v_seq bigint;
-    BEGIN
-        INSERT INTO inbox (message_key, workflow_id, outcome, effects, done, done_at)
-        VALUES (p_key, p_wid, p_outcome, p_effects, p_effects IS NULL, CASE WHEN p_effects IS NULL THEN now() END)
-        RETURNING seq INTO v_seq;
-        IF p_run IS NOT NULL THEN
-            INSERT INTO runs (workflow_id, current_step, dispatch_id, attempt, phase, workflow_start_time,
-                              step_time, dispatched_at, request)
-            SELECT p_wid, r.current_step, r.dispatch_id, r.attempt, r.phase, r.workflow_start_time, r.step_time,
-                   r.dispatched_at, coalesce(r.request, '{}'::jsonb)
-              FROM jsonb_to_record(p_run) AS r(current_step text, dispatch_id text, attempt integer, phase text,
-                   workflow_start_time timestamptz, step_time timestamptz, dispatched_at timestamptz, request jsonb)
-            ON CONFLICT (workflow_id) DO UPDATE SET current_step = EXCLUDED.current_step,
-                dispatch_id = EXCLUDED.dispatch_id, attempt = EXCLUDED.attempt, phase = EXCLUDED.phase,
-                workflow_start_time = EXCLUDED.workflow_start_time, step_time = EXCLUDED.step_time,
-                dispatched_at = EXCLUDED.dispatched_at, request = EXCLUDED.request, updated_at = now();
-        END IF;
-        IF p_cancel_timers THEN
-            DELETE FROM timers WHERE workflow_id = p_wid AND kind IN ('scheduled', 'timeout', 'retry');
-        END IF;
-        IF jsonb_array_length(p_timers) > 0 THEN
-            INSERT INTO timers (workflow_id, kind, token, due_at)
-            SELECT p_wid, t.kind, t.token, t.due_at
-              FROM jsonb_to_recordset(p_timers) AS t(kind text, token text, due_at timestamptz);
-        END IF;
-        RETURN v_seq;
-    END
-    $f$;
-    """,
-    # 2: group commit. The steps in flight share one connection: what they ask while a round trip is
-    # under way goes in the next CALL, so N steps cost one round trip and one commit instead of 3N
-    # and 2N. Order inside: decisions (each in its own subtransaction, so one bad row fails alone),
-    # done marks, COMMIT, then unlocks (after the commit, as in wo_exit), then entries, whose locks
-    # are only tried: a workflow held by another replica is entered on a pooled connection that waits.
-    """
-    -- A decision's effects (~5 KB: the record and the requests) are compressed when stored; lz4
-    -- costs a fraction of the default pglz's CPU. Where Postgres has no lz4 (before 14, or built
-    -- without it), pglz stays.
-    DO $d$ BEGIN
-        EXECUTE 'ALTER TABLE inbox ALTER COLUMN effects SET COMPRESSION lz4';
-    EXCEPTION WHEN OTHERS THEN
-        RAISE NOTICE 'lz4 compression unavailable (%); effects stay compressed with pglz', SQLERRM;
-    END $d$;
-    CREATE PROCEDURE wo_batch(p_keys text[], p_wids text[], p_outcomes text[], p_effects json[], p_runs text[],
-                              p_cancel boolean[], p_timers text[], p_done bigint[], p_unlock text[],
-                              p_enter_wids text[], p_enter_keys text[], p_enter_lock boolean[],
-                              INOUT result jsonb) LANGUAGE plpgsql AS $f$
-    DECLARE
-        v_seqs jsonb := '[]';
-        v_states jsonb := '[]';
-        i integer;
-    BEGIN
-        FOR i IN 1..coalesce(cardinality(p_keys), 0) LOOP
-            BEGIN
-                v_seqs := v_seqs || to_jsonb(wo_record(p_keys[i], p_wids[i], p_outcomes[i], p_effects[i],
-                                                       p_runs[i]::jsonb, p_cancel[i], p_timers[i]::jsonb));
-            EXCEPTION WHEN OTHERS THEN
-                v_seqs := v_seqs || jsonb_build_object('error', SQLERRM, 'sqlstate', SQLSTATE);
-            END;
-        END LOOP;
-        IF coalesce(cardinality(p_done), 0) > 0 THEN
-            UPDATE inbox SET done = true, done_at = now(), effects = NULL WHERE seq = ANY(p_done);
-        END IF;
-        COMMIT;
-        FOR i IN 1..coalesce(cardinality(p_unlock), 0) LOOP
-            PERFORM pg_advisory_unlock(hashtextextended(p_unlock[i], 0));
-        END LOOP;
-        FOR i IN 1..coalesce(cardinality(p_enter_wids), 0) LOOP
-            IF NOT p_enter_lock[i] OR pg_try_advisory_lock(hashtextextended(p_enter_wids[i], 0)) THEN
-                v_states := v_states || jsonb_build_array(wo_state(p_enter_wids[i], p_enter_keys[i]));
-            ELSE
-                v_states := v_states || '[null]'::jsonb;
-            END IF;
-        END LOOP;
-        result := jsonb_build_object('seqs', v_seqs, 'states', v_states);
-    END
-    $f$;
-    """,
-]
 
 
 _dumps = jsonio.dumps_str
@@ -187,20 +37,6 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """Release without asyncpg's reset query, a round trip per step (asyncpg still rolls back an open
     transaction): the ledger sets no session state, and `Ledger.session` releases its advisory lock
     or closes the connection."""
-
-
-async def migrate(conn: Conn, migrations: list[str], lock_key: int, table: str) -> int:
-    """Apply pending migrations in one transaction under an advisory lock; returns the version."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key)
-        await conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (version integer PRIMARY KEY, "
-                           "applied_at timestamptz NOT NULL DEFAULT now())")
-        current = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {table}")
-        for version, sql in enumerate(migrations, start=1):
-            if version > current:
-                await conn.execute(sql)
-                await conn.execute(f"INSERT INTO {table} (version) VALUES ($1)", version)
-        return len(migrations)
 
 
 @dataclass(frozen=True)
@@ -248,10 +84,10 @@ class LockLost(ConnectionError):
 class _Op:
     """One request to the shared connection (see `_Lane`)."""
 
-    kind: str  # "enter" (try the lock, then read the state), "state", "record", "leave"
+    kind: str  # "enter" (try the lock, then read the state), "state", "record", "note", "leave"
     wid: str
     key: str = ""
-    args: tuple[Any, ...] = ()  # record: outcome, effects, run, cancel_timers, timers
+    args: tuple[Any, ...] = ()  # record: outcome, effects, run, cancel_timers, timers, history; note: history
     done: list[int] = field(default_factory=list)
     generation: int | None = None  # record/leave: the connection that holds the lock
     future: asyncio.Future[Any] | None = None
@@ -351,15 +187,18 @@ class _Lane:
             else:
                 live.append(op)
         records = [op for op in live if op.kind == "record"]
+        notes = [op for op in live if op.kind == "note"]
         leaving = [op for op in live if op.kind == "leave"]
         entering = [op for op in live if op.kind in ("enter", "state")]
         # The run and the timers go as text, cast inside the decision's subtransaction: a value that
         # Postgres refuses (jsonb has no \u0000) then fails that decision, not the whole round trip.
         columns = [[op.args[0] for op in records], [op.args[1] for op in records],
                    [None if op.args[2] is None else _dumps(op.args[2]) for op in records],
-                   [op.args[3] for op in records], [_dumps(op.args[4]) for op in records]]
+                   [op.args[3] for op in records], [_dumps(op.args[4]) for op in records],
+                   [None if op.args[5] is None else _dumps(op.args[5]) for op in records],
+                   [op.wid for op in notes], [_dumps(op.args[0]) for op in notes]]
         result = await self.conn.fetchval(
-            "CALL wo_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL)",
+            "CALL wo_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, NULL)",
             [op.key for op in records], [op.wid for op in records], *columns,
             [seq for op in leaving for seq in op.done], [op.wid for op in leaving],
             [op.wid for op in entering], [op.key for op in entering], [op.kind == "enter" for op in entering])
@@ -372,7 +211,7 @@ class _Lane:
                 _fail(op, LedgerRejected(f"the ledger refused the decision: {seq['error']} ({seq['sqlstate']})"))
             else:
                 _settle(op, seq)
-        for op in leaving:
+        for op in (*notes, *leaving):
             _settle(op, None)
         for op, state in zip(entering, result["states"], strict=True):
             if op.kind == "enter" and state is not None and not _settle(op, (self.generation, state)):
@@ -406,6 +245,9 @@ class _Channel:
     async def record(self, key: str, wid: str, args: tuple[Any, ...]) -> Any:
         raise NotImplementedError
 
+    async def note(self, wid: str, history: dict[str, Any]) -> None:
+        raise NotImplementedError
+
     async def leave(self, wid: str, done: list[int]) -> None:
         raise NotImplementedError
 
@@ -422,6 +264,9 @@ class _LaneChannel(_Channel):
     async def record(self, key: str, wid: str, args: tuple[Any, ...]) -> Any:
         return await self.lane.submit(_Op("record", wid, key, args, generation=self.generation))
 
+    async def note(self, wid: str, history: dict[str, Any]) -> None:
+        self.lane.leave_later(_Op("note", wid, args=(history,)))
+
     async def leave(self, wid: str, done: list[int]) -> None:
         self.lane.leave_later(_Op("leave", wid, done=done, generation=self.generation))
 
@@ -436,9 +281,15 @@ class _OwnChannel(_Channel):
 
     async def record(self, key: str, wid: str, args: tuple[Any, ...]) -> Any:
         try:
-            return await self.conn.fetchval("SELECT wo_record($1, $2, $3, $4, $5, $6, $7)", key, wid, *args)
+            return await self.conn.fetchval("SELECT wo_record($1, $2, $3, $4, $5, $6, $7, $8)", key, wid, *args)
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
             raise LedgerRejected(f"the ledger refused the decision: {exc}") from None
+
+    async def note(self, wid: str, history: dict[str, Any]) -> None:
+        try:
+            await self.conn.execute("SELECT wo_note($1, $2)", wid, history)
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+            log.warning("history note not kept", error=str(exc))
 
     async def leave(self, wid: str, done: list[int]) -> None:
         left = False
@@ -456,8 +307,10 @@ class _OwnChannel(_Channel):
 class Session:
     """Ledger operations for one workflow while its lock is held."""
 
-    def __init__(self, channel: _Channel, workflow_id: str, message_key: str, state: dict[str, Any]) -> None:
+    def __init__(self, channel: _Channel, workflow_id: str, message_key: str, state: dict[str, Any],
+                 replica: str = "") -> None:
         self.channel = channel
+        self.replica = replica
         self.workflow_id = workflow_id
         self.message_key = message_key
         self.done: list[int] = []  # decisions whose effects completed; marked when the lock is released
@@ -480,18 +333,20 @@ class Session:
     async def refresh(self) -> None:
         self._load(await self.channel.state(self.workflow_id, self.message_key))
 
-    async def record(self, decision: Decision) -> InboxRow:
-        """Write the decision, the new run state and the timers in one transaction."""
+    async def record(self, decision: Decision, history: HistoryEntry | None = None) -> InboxRow:
+        """Write the decision, the new run state, the timers and its history in one transaction."""
         effects = effects_of(decision)
         run = decision.run
-        run_json = None if run is None else {
-            "current_step": run.current_step, "dispatch_id": run.dispatch_id, "attempt": run.attempt,
-            "phase": run.phase, "workflow_start_time": _ts(run.workflow_start_time), "step_time": _ts(run.step_time),
-            "dispatched_at": _ts(run.dispatched_at), "request": run.request}
+        run_json = None if run is None else run_to_json(run)
         timers = [{"kind": t.kind, "token": t.token, "due_at": _ts(t.due_at)} for t in decision.timers]
+        hist = None if history is None else history_json(history, self.replica)
         seq = await self.channel.record(self.message_key, decision.workflow_id,
-                                        (decision.outcome, effects, run_json, decision.cancel_timers, timers))
+                                        (decision.outcome, effects, run_json, decision.cancel_timers, timers, hist))
         return InboxRow(seq, self.message_key, decision.outcome, effects, effects is None)
+
+    async def note(self, history: HistoryEntry) -> None:
+        """Keep a history entry that comes with no decision (stale, duplicate); never fails the step."""
+        await self.channel.note(self.workflow_id, history_json(history, self.replica))
 
     def mark_done(self, seq: int) -> None:
         self.done.append(seq)
@@ -499,6 +354,21 @@ class Session:
 
 def _ts(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
+
+
+def run_to_json(run: Run) -> dict[str, Any]:
+    return {
+        "current_step": run.current_step, "dispatch_id": run.dispatch_id, "attempt": run.attempt,
+        "phase": run.phase, "workflow_start_time": _ts(run.workflow_start_time), "step_time": _ts(run.step_time),
+        "dispatched_at": _ts(run.dispatched_at), "request": run.request, "deployment_repo": run.deployment_repo,
+        "milestones": list(run.milestones), "paused": run.paused, "held_step": run.held_step, "result": run.result,
+        "deadline": _ts(run.deadline), "heartbeat_timeout": run.heartbeat_timeout}
+
+
+def history_json(entry: HistoryEntry, replica: str) -> dict[str, Any]:
+    return {"replica": replica, "trigger": entry.trigger, "message_id": entry.message_id,
+            "dispatch_id": entry.dispatch_id, "outcome": entry.outcome, "requested_by": entry.requested_by,
+            "detail": entry.detail}
 
 
 def _run_from_json(data: dict[str, Any]) -> Run:
@@ -509,6 +379,10 @@ def _run_from_json(data: dict[str, Any]) -> Run:
         workflow_id=data["workflow_id"], current_step=data["current_step"], dispatch_id=data["dispatch_id"],
         attempt=data["attempt"], phase=data["phase"], workflow_start_time=ts(data["workflow_start_time"]),
         step_time=ts(data["step_time"]), dispatched_at=ts(data["dispatched_at"]), request=data["request"] or {},
+        deployment_repo=data.get("deployment_repo"), milestones=tuple(data.get("milestones") or ()),
+        paused=bool(data.get("paused")), held_step=data.get("held_step"), result=data.get("result"),
+        deadline=ts(data.get("deadline")), heartbeat_timeout=data.get("heartbeat_timeout"),
+        heartbeat_at=ts(data.get("heartbeat_at")),
     )
 
 
@@ -523,8 +397,10 @@ class _WorkflowLock:
 class Ledger:
     """The pool, the shared lane, migrations, per-workflow locks and timer claims."""
 
-    def __init__(self, dsn: str, *, max_size: int = 40, observe: Callable[[int], None] | None = None) -> None:
+    def __init__(self, dsn: str, *, max_size: int = 40, observe: Callable[[int], None] | None = None,
+                 replica: str = "") -> None:
         self.dsn = dsn
+        self.replica = replica  # HOSTNAME, written into the history
         self.max_size = max_size
         self.pool: asyncpg.Pool | None = None
         # One lane, not several: measured with two, batches were half as big and the ledger's
@@ -532,11 +408,20 @@ class Ledger:
         self.lane = _Lane(dsn, observe)
         self._local_locks: dict[str, _WorkflowLock] = {}
 
-    async def start(self) -> None:
-        self.pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=self.max_size, init=_init_conn,
+    async def start(self, *, read_only: bool = False) -> None:
+        """Connect; migrate (the service), or only check the schema version (read-only users)."""
+        self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.max_size, init=_init_conn,
                                               reset=_keep_session, command_timeout=30)
-        async with self.pool.acquire() as conn:
-            await migrate(conn, MIGRATIONS, _MIGRATION_LOCK, "ledger_schema_version")
+        try:
+            async with self.pool.acquire() as conn:
+                if read_only:
+                    await check_schema(conn)
+                else:
+                    await migrate(conn, MIGRATIONS, _MIGRATION_LOCK, VERSION_TABLE)
+        except BaseException:
+            await self.pool.close()
+            self.pool = None
+            raise
 
     async def close(self) -> None:
         await self.lane.close()
@@ -569,13 +454,15 @@ class Ledger:
                 if entered is not None:
                     generation, state = entered
                     channel: _Channel = _LaneChannel(self.lane, generation)
-                    async with _held(channel, Session(channel, workflow_id, message_key, state)) as session:
+                    async with _held(channel, Session(channel, workflow_id, message_key, state,
+                                                      self.replica)) as session:
                         yield session
                     return
                 async with self._pool().acquire() as conn:  # another replica holds it: wait on our own
                     state = await conn.fetchval("SELECT wo_enter($1, $2)", workflow_id, message_key)
                     channel = _OwnChannel(conn)
-                    async with _held(channel, Session(channel, workflow_id, message_key, state)) as session:
+                    async with _held(channel, Session(channel, workflow_id, message_key, state,
+                                                      self.replica)) as session:
                         yield session
         finally:
             # Counted, not `locked()`: a released lock whose waiter has not run yet looks free, and
@@ -618,7 +505,22 @@ class Ledger:
         a = await pool.execute("DELETE FROM inbox WHERE done AND done_at < now() - $1::interval", older_than)
         b = await pool.execute("DELETE FROM runs WHERE phase = 'finished' AND updated_at < now() - $1::interval",
                                older_than)
-        return int(a.split()[-1]) + int(b.split()[-1])
+        c = await pool.execute("DELETE FROM history WHERE at < now() - $1::interval", older_than)
+        return int(a.split()[-1]) + int(b.split()[-1]) + int(c.split()[-1])
+
+    # ---- outside a session ---------------------------------------------------------------
+    async def heartbeat(self, workflow_id: str, dispatch_id: str, details: Any, message_id: str | None) -> str | None:
+        """Record a worker's heartbeat (one round trip): None when current, else why it is stale."""
+        why: str | None = await self._pool().fetchval("SELECT wo_heartbeat($1, $2, $3, $4, $5)", workflow_id,
+                                                     dispatch_id, details, self.replica, message_id)
+        return why
+
+    async def note(self, workflow_id: str, history: HistoryEntry) -> None:
+        """A history entry outside a step (a deferral, a dead letter); best effort."""
+        try:
+            await self._pool().execute("SELECT wo_note($1, $2)", workflow_id, history_json(history, self.replica))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            log.warning("history note not kept", error=f"{type(exc).__name__}: {exc}")
 
     # ---- observation ---------------------------------------------------------------------
     async def active_runs(self) -> list[dict[str, Any]]:
